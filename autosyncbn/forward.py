@@ -1,0 +1,67 @@
+"""``_BatchNorm.forward`` semantics around a synchronized statistics source.
+
+Both backends (replica threads and process groups) provide a *handle* with
+``batch_norm(input, weight, bias, eps) -> (output, mean, var, count)`` and
+``updates_running_stats``; this module keeps every ``_BatchNorm`` behaviour
+around it: input checks, ``num_batches_tracked``, ``momentum=None``,
+``track_running_stats=False``, ``affine=False``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .moments import running_stats_factor, update_running_stats
+
+SYNC_ATTRIBUTE = "_autosyncbn_sync"
+"""Instance attribute holding a layer's sync handle (set on replicas only)."""
+
+EXCLUDED_ATTRIBUTE = "_autosyncbn_excluded"
+"""Instance attribute marking a layer that must stay unsynchronized."""
+
+
+class SyncHandle(Protocol):
+    updates_running_stats: bool
+
+    def batch_norm(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float) -> "tuple[Tensor, Tensor, Tensor, int]": ...
+
+
+def sync_handle(layer: _BatchNorm) -> Optional[Any]:
+    """The layer's handle when it must synchronize now, else None (PyTorch's own path)."""
+    if not layer.training:
+        return None
+    return layer.__dict__.get(SYNC_ATTRIBUTE)
+
+
+def _check_channels(layer: _BatchNorm, input: Tensor) -> None:
+    # PyTorch's kernel raises RuntimeError for a wrong channel count; so do we,
+    # before any peer is involved.
+    if input.dim() >= 2 and input.shape[1] != layer.num_features:
+        raise RuntimeError(
+            f"{type(layer).__name__} expected {layer.num_features} channels "
+            f"(running_mean should contain {input.shape[1]} elements not "
+            f"{layer.num_features}), got input of shape {tuple(input.shape)}"
+        )
+    if not input.is_floating_point():
+        raise RuntimeError(
+            f"{type(layer).__name__}: expected a floating point input, got {input.dtype}"
+        )
+
+
+def synchronized_forward(layer: _BatchNorm, input: Tensor, handle: SyncHandle) -> Tensor:
+    """Training-mode forward of ``layer`` with statistics from ``handle``."""
+    layer._check_input_dim(input)
+    _check_channels(layer, input)
+    factor = running_stats_factor(layer) if handle.updates_running_stats else 0.0
+    output, mean, var, count = handle.batch_norm(input, layer.weight, layer.bias, layer.eps)
+    if (
+        handle.updates_running_stats
+        and layer.track_running_stats
+        and layer.running_mean is not None
+        and layer.running_var is not None
+    ):
+        update_running_stats(layer.running_mean, layer.running_var, mean, var, count, factor)
+    return output

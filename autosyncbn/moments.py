@@ -1,0 +1,101 @@
+"""Per-channel moments: local statistics, the stable parallel merge, running stats.
+
+Pure tensor math with no threads and no processes, so every backend (replica
+threads, process groups) shares one definition of "the statistics".
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_view_shape(input: Tensor) -> list[int]:
+    """Shape that broadcasts a per-channel vector against ``input``: (1, C, 1, ...)."""
+    shape = [1] * input.dim()
+    shape[1] = input.shape[1]
+    return shape
+
+
+def reduction_dims(input: Tensor) -> list[int]:
+    """Every dimension but the channel dimension (1)."""
+    return [0] + list(range(2, input.dim()))
+
+
+def values_per_channel(input: Tensor) -> int:
+    """How many values each channel of ``input`` holds: N * prod(spatial)."""
+    channels = input.shape[1]
+    return input.numel() // channels if channels else 0
+
+
+def local_mean_var(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``input``, in the accumulation dtype.
+
+    Uses PyTorch's own BatchNorm statistics kernel (one pass, the same numerics
+    as ``nn.BatchNorm``). Half inputs get float32 scratch buffers so the kernel
+    returns float32 statistics; momentum 0 leaves the scratch untouched.
+    """
+    if input.dtype in _REDUCED_PRECISION:
+        channels = input.shape[1]
+        scratch_mean = torch.zeros(channels, dtype=torch.float32, device=input.device)
+        scratch_var = torch.ones(channels, dtype=torch.float32, device=input.device)
+        return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
+    return torch.batch_norm_update_stats(input, None, None, 0.0)
+
+
+def merge_moments(
+    counts: Sequence[int], means: Sequence[Tensor], m2s: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Chan's parallel merge of per-part (count, mean, M2) into the global mean and M2.
+
+    ``M2 = sum(M2_i) + sum(n_i * (mean_i - mean)^2)``: no large sums are
+    subtracted, so inputs with a large mean and a small spread keep their
+    precision. Differentiable: gradients reach every part's mean and M2.
+    All tensors must be on one device.
+    """
+    total = float(sum(counts))
+    weights = torch.tensor(
+        [float(n) for n in counts], dtype=means[0].dtype, device=means[0].device
+    ).unsqueeze(1)
+    stacked_means = torch.stack(list(means))
+    mean = (weights * stacked_means).sum(0) / total
+    spread = weights * (stacked_means - mean).square()
+    m2 = torch.stack(list(m2s)).sum(0) + spread.sum(0)
+    return mean, m2
+
+
+def running_stats_factor(layer: torch.nn.modules.batchnorm._BatchNorm) -> float:
+    """Advance ``num_batches_tracked`` and return the running-average factor.
+
+    Mirrors ``_BatchNorm.forward`` exactly, including ``momentum=None``
+    (cumulative moving average).
+    """
+    factor = 0.0 if layer.momentum is None else layer.momentum
+    if layer.training and layer.track_running_stats and layer.num_batches_tracked is not None:
+        layer.num_batches_tracked.add_(1)
+        if layer.momentum is None:
+            factor = 1.0 / float(layer.num_batches_tracked)
+    return factor
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    factor: float,
+) -> None:
+    """``running = (1 - f) * running + f * batch``, with the unbiased variance."""
+    unbiased = var * (count / (count - 1))
+    running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)

@@ -1,0 +1,208 @@
+"""Emulated DataParallel on CPU: test multi-GPU training code on a CPU-only CI.
+
+``nn.DataParallel`` on a machine without GPUs does not replicate at all, so
+the synchronized path would never run. :class:`EmulatedDataParallel` is an
+``nn.DataParallel`` whose N "devices" are all the CPU: the input is split as
+DataParallel splits it, the module is replicated by PyTorch's own
+``replicate`` (through ``nn.DataParallel.replicate``, so ``autosyncbn.install()``
+sees it), and each replica runs in its own thread, as ``parallel_apply`` does,
+with the caller's grad mode and autocast state carried in.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
+
+import torch
+import wrapt
+from torch import nn
+from torch._utils import ExceptionWrapper
+
+__all__ = ["EmulatedDataParallel", "cpu_replicate", "split_like_data_parallel"]
+
+_replicate_module = sys.modules["torch.nn.parallel.replicate"]
+_seam_lock = threading.Lock()
+_seam_users = 0
+_seam_original: Any = None
+_emulating = threading.local()
+
+
+def _cpu_broadcast(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``_broadcast_coalesced_reshape`` for CPU "devices", in emulating threads only.
+
+    Replica 0 gets the source tensors themselves (as a real broadcast does for
+    the source device); the others get copies. Without ``detach`` the copies
+    stay in the autograd graph, so gradients flow back to the parameters.
+    """
+    if not getattr(_emulating, "active", False):
+        return wrapped(*args, **kwargs)
+
+    def broadcast(tensors: Sequence[torch.Tensor], devices: Sequence[Any], detach: bool = False) -> list:
+        if not tensors:
+            return []
+        copies = []
+        for index in range(len(devices)):
+            if index == 0:
+                copies.append([t if detach else t.view_as(t) for t in tensors])
+            elif detach:
+                copies.append([t.detach().clone() for t in tensors])
+            else:
+                copies.append([t.clone() for t in tensors])
+        return copies
+
+    return broadcast(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _cpu_replication() -> Iterator[None]:
+    """Route PyTorch's ``replicate`` to CPU copies for this thread, for the block only."""
+    global _seam_users, _seam_original
+    with _seam_lock:
+        if _seam_users == 0:
+            _seam_original = vars(_replicate_module)["_broadcast_coalesced_reshape"]
+            _replicate_module._broadcast_coalesced_reshape = wrapt.FunctionWrapper(
+                _seam_original, _cpu_broadcast
+            )
+        _seam_users += 1
+    _emulating.active = True
+    try:
+        yield
+    finally:
+        _emulating.active = False
+        with _seam_lock:
+            _seam_users -= 1
+            if _seam_users == 0:
+                _replicate_module._broadcast_coalesced_reshape = _seam_original
+
+
+def cpu_replicate(module: nn.Module, num_replicas: int, detach: bool = False) -> list:
+    """PyTorch's ``replicate`` logic, with every replica on the CPU."""
+    with _cpu_replication():
+        return _replicate_module.replicate(module, list(range(num_replicas)), detach)
+
+
+def split_like_data_parallel(obj: Any, num_replicas: int, dim: int = 0) -> list:
+    """Split ``obj`` as ``scatter`` does: tensors chunked along ``dim``, containers recursed.
+
+    A batch of B samples gives ``min(B, num_replicas)`` parts sized like
+    ``torch.chunk`` (the last part may be smaller), exactly as DataParallel does.
+    """
+    if isinstance(obj, torch.Tensor):
+        return list(obj.chunk(num_replicas, dim))
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return [type(obj)(*args) for args in zip(*(split_like_data_parallel(o, num_replicas, dim) for o in obj))]
+    if isinstance(obj, tuple) and obj:
+        return list(zip(*(split_like_data_parallel(o, num_replicas, dim) for o in obj)))
+    if isinstance(obj, list) and obj:
+        return [list(parts) for parts in zip(*(split_like_data_parallel(o, num_replicas, dim) for o in obj))]
+    if isinstance(obj, dict) and obj:
+        return [type(obj)(parts) for parts in zip(*(
+            [(key, part) for part in split_like_data_parallel(value, num_replicas, dim)]
+            for key, value in obj.items()
+        ))]
+    return [obj for _ in range(num_replicas)]
+
+
+def _gather(outputs: Sequence[Any], dim: int) -> Any:
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        if all(t.dim() == 0 for t in outputs):
+            return torch.stack(list(outputs))
+        return torch.cat(list(outputs), dim)
+    if first is None:
+        return None
+    if isinstance(first, Mapping):
+        return type(first)((key, _gather([o[key] for o in outputs], dim)) for key in first)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)._make(map(lambda parts: _gather(parts, dim), zip(*outputs)))
+    return type(first)(map(lambda parts: _gather(parts, dim), zip(*outputs)))
+
+
+class EmulatedDataParallel(nn.DataParallel):
+    """``nn.DataParallel`` with ``num_replicas`` CPU replicas, each run in its own thread.
+
+    Behaves like DataParallel on ``num_replicas`` GPUs: same split of the
+    batch (fewer replicas when the batch is smaller), same replication code,
+    one thread per replica, outputs concatenated along ``dim``.
+
+    Args:
+        module (Module): the module to replicate (on the CPU)
+        num_replicas (int): how many devices to emulate. Default: 2
+        dim (int): the dimension along which inputs are split. Default: 0
+
+    Examples::
+
+        >>> autosyncbn.install()
+        >>> model = EmulatedDataParallel(net, num_replicas=4)
+        >>> loss = model(x).square().mean(); loss.backward()
+    """
+
+    def __init__(self, module: nn.Module, num_replicas: int = 2, dim: int = 0) -> None:
+        nn.Module.__init__(self)
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
+        self.module = module
+        self.device_ids = list(range(num_replicas))
+        self.output_device = 0
+        self.dim = dim
+        self.src_device_obj = torch.device("cpu")
+
+    def replicate(self, module: nn.Module, device_ids: Sequence[Any]) -> list:
+        with _cpu_replication():
+            return super().replicate(module, device_ids)
+
+    def scatter(self, inputs: tuple, kwargs: Any, device_ids: Sequence[Any]) -> tuple:
+        count = len(device_ids)
+        scattered = split_like_data_parallel(inputs, count, self.dim) if inputs else []
+        scattered_kwargs = split_like_data_parallel(kwargs, count, self.dim) if kwargs else []
+        if len(scattered) < len(scattered_kwargs):
+            scattered.extend(() for _ in range(len(scattered_kwargs) - len(scattered)))
+        elif len(scattered_kwargs) < len(scattered):
+            scattered_kwargs.extend({} for _ in range(len(scattered) - len(scattered_kwargs)))
+        return tuple(tuple(part) for part in scattered), tuple(scattered_kwargs)
+
+    def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list:
+        return _parallel_apply_on_cpu(replicas, inputs, kwargs)
+
+    def gather(self, outputs: Sequence[Any], output_device: Any) -> Any:
+        return _gather(outputs, self.dim)
+
+
+def _parallel_apply_on_cpu(replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Sequence[dict]) -> list:
+    """One thread per replica, as ``torch.nn.parallel.parallel_apply`` runs them."""
+    results: dict[int, Any] = {}
+    grad_enabled = torch.is_grad_enabled()
+    autocast_enabled = torch.is_autocast_enabled("cpu")
+    autocast_dtype = torch.get_autocast_dtype("cpu")
+
+    def worker(index: int, replica: nn.Module, args: Any, kw: dict) -> None:
+        torch.set_grad_enabled(grad_enabled)
+        try:
+            with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_enabled):
+                if not isinstance(args, (list, tuple)):
+                    args = (args,)
+                results[index] = replica(*args, **kw)
+        except Exception:
+            results[index] = ExceptionWrapper(where=f"in replica {index} on device cpu")
+
+    if len(replicas) > 1:
+        threads = [
+            threading.Thread(target=worker, args=(i, r, a, k), name=f"autosyncbn-replica-{i}")
+            for i, (r, a, k) in enumerate(zip(replicas, inputs, kwargs))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    else:
+        worker(0, replicas[0], inputs[0], kwargs[0])
+    outputs = []
+    for index in range(len(replicas)):
+        output = results[index]
+        if isinstance(output, ExceptionWrapper):
+            output.reraise()
+        outputs.append(output)
+    return outputs
