@@ -52,6 +52,7 @@ class _Slot:
 @dataclass
 class _ReplicaState:
     calls: int = 0
+    started: bool = False
     done: bool = False
     error: Optional[BaseException] = None
     layers: list = field(default_factory=list)
@@ -72,6 +73,9 @@ class ReplicaGroup:
         self._replicas = [_ReplicaState() for _ in range(num_replicas)]
 
     # -- called by each replica's forward wrapper ---------------------------
+    def replica_started(self, replica: int) -> None:
+        self._replicas[replica].started = True
+
     def replica_finished(self, replica: int, error: Optional[BaseException] = None) -> None:
         """Mark a replica's forward as ended, so peers waiting for it wake up."""
         with self._cond:
@@ -81,9 +85,10 @@ class ReplicaGroup:
             self._cond.notify_all()
 
     @property
-    def finished(self) -> bool:
-        """True once every replica's forward has ended."""
-        return all(state.done for state in self._replicas)
+    def in_flight(self) -> bool:
+        """True while some replica's forward has started and not every one has ended."""
+        states = self._replicas
+        return any(s.started for s in states) and not all(s.done for s in states)
 
     # -- called by each synchronized layer ----------------------------------
     def next_call(self, replica: int, layer: str) -> int:

@@ -63,6 +63,7 @@ def _report_when_finished(replica: nn.Module, group: ReplicaGroup, index: int) -
 
     @functools.wraps(forward)
     def forward_reporting_end(*args: Any, **kwargs: Any) -> Any:
+        group.replica_started(index)
         try:
             output = forward(*args, **kwargs)
         except BaseException as error:

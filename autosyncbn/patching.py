@@ -125,7 +125,7 @@ def _restore(patch: _Patch) -> None:
 def _wait_for_live_groups(deadline_seconds: float) -> None:
     """Let forwards that already synchronize finish before their patch goes away."""
     deadline = time.monotonic() + deadline_seconds
-    while any(not group.finished for group in list(_live_groups)):
+    while any(group.in_flight for group in list(_live_groups)):
         if time.monotonic() > deadline:
             return
         time.sleep(0.001)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a leaked patch fails the test that leaked it."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import autosyncbn
+
+_PATCHED = [
+    (nn.DataParallel, "replicate"),
+    (sys.modules["torch.nn.parallel.data_parallel"], "replicate"),
+    (_BatchNorm, "forward"),
+    (sys.modules["torch.nn.parallel.replicate"], "_broadcast_coalesced_reshape"),
+]
+
+
+def _snapshot() -> list:
+    return [vars(owner).get(name) for owner, name in _PATCHED]
+
+
+PRISTINE = _snapshot()
+
+
+@pytest.fixture(autouse=True)
+def pristine_patches():
+    """Every test starts and ends with PyTorch exactly as it was imported."""
+    assert _snapshot() == PRISTINE and not autosyncbn.is_installed(), "a patch leaked in"
+    torch.manual_seed(0)
+    yield
+    leaked = autosyncbn.is_installed() or _snapshot() != PRISTINE
+    autosyncbn.uninstall()
+    assert not leaked, "this test left autosyncbn patches installed"
+
+
+@pytest.fixture
+def installed():
+    """autosyncbn installed for the test only."""
+    with autosyncbn.patched():
+        yield

@@ -1,0 +1,92 @@
+"""The oracle: the same model on one device with the whole batch and plain BatchNorm."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from autosyncbn.testing import EmulatedDataParallel
+
+BATCHNORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+class ConvBlock(nn.Module):
+    """Linear mixing of channels, BatchNorm, a nonlinearity, and BatchNorm again."""
+
+    def __init__(self, rank: int, channels: int = 3, hidden: int = 5, **bn_options) -> None:
+        super().__init__()
+        bn = BATCHNORM_BY_RANK[rank]
+        self.rank = rank
+        self.mix = nn.Linear(channels, hidden)
+        self.bn1 = bn(hidden, **bn_options)
+        self.bn2 = bn(hidden, **bn_options)
+
+    def _channels_last_linear(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        # Apply a Linear over the channel dimension for any input rank.
+        return linear(x.movedim(1, -1)).movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn1(self._channels_last_linear(x, self.mix))
+        return self.bn2(torch.tanh(h) * 1.5 + h)
+
+
+def loss_of(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Not invariant under BatchNorm (sum(y**2) after BatchNorm would be constant).
+    return (output * target).sum() + (output - target).square().mean()
+
+
+def train_side_by_side(
+    model: nn.Module,
+    inputs: list[torch.Tensor],
+    num_replicas: int,
+    wrap: Callable[[nn.Module, int], nn.Module] = EmulatedDataParallel,
+    lr: float = 0.05,
+):
+    """Train ``model`` under ``wrap`` and a deep copy on the whole batch; yield per step."""
+    reference = copy.deepcopy(model)
+    parallel = wrap(model, num_replicas)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
+    for x in inputs:
+        x_ref = x.detach().clone().requires_grad_(x.requires_grad)
+        x_par = x.detach().clone().requires_grad_(x.requires_grad)
+        out = parallel(x_par)
+        ref_out = reference(x_ref)
+        target = torch.randn_like(ref_out, dtype=torch.float32).to(ref_out.dtype)
+        loss_of(out, target).backward()
+        loss_of(ref_out, target).backward()
+        yield out, ref_out, x_par, x_ref, model, reference
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float = 2e-5, what: str = "") -> None:
+    """Agreement within ``rel`` of the scale of the values (DESIGN: about 1e-5 in float32).
+
+    Elementwise relative tolerance would judge round-off on values that are
+    zero in exact arithmetic (a bias before BatchNorm gets no gradient).
+    """
+    assert actual is not None and expected is not None, f"{what}: one side is None"
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual, expected, atol=rel * scale, rtol=0, msg=lambda m: f"{what} (scale {scale:.3g}): {m}"
+    )
+
+
+def assert_models_match(model: nn.Module, reference: nn.Module, rel: float = 2e-5) -> None:
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert_close_to_scale(p, q, rel, f"parameter {name}")
+        if q.grad is not None or p.grad is not None:
+            assert_close_to_scale(p.grad, q.grad, rel, f"grad of {name}")
+    for (name, b), (_, c) in zip(model.named_buffers(), reference.named_buffers()):
+        assert_close_to_scale(b, c, rel, f"buffer {name}")
+
+
+def input_of_rank(rank: int, batch: int, channels: int = 3, generator=None) -> torch.Tensor:
+    spatial = {2: (), 3: (7,), 4: (4, 5), 5: (3, 4, 2)}[rank]
+    return torch.randn(batch, channels, *spatial, generator=generator) * 2.0 + 0.5
