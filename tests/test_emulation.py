@@ -1,0 +1,64 @@
+"""autosyncbn.testing behaves like nn.DataParallel on N devices."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from autosyncbn.testing import EmulatedDataParallel, cpu_replicate, split_like_data_parallel
+
+
+class Recorder(nn.Module):
+    def __init__(self, log: list) -> None:
+        super().__init__()
+        self.log = log
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x, scale=1.0):
+        self.log.append((threading.current_thread().name, x.shape[0], torch.is_grad_enabled(),
+                         torch.is_autocast_enabled("cpu")))
+        return x * self.weight * scale
+
+
+@pytest.mark.parametrize("batch,replicas,expected", [(10, 4, [3, 3, 3, 1]), (5, 8, [1] * 5), (8, 2, [4, 4]), (3, 1, [3])])
+def test_split_matches_data_parallel_chunking(batch, replicas, expected):
+    parts = split_like_data_parallel((torch.zeros(batch, 2),), replicas)
+    assert [p[0].shape[0] for p in parts] == expected
+
+
+def test_each_replica_runs_in_its_own_thread_with_callers_modes():
+    log: list = []
+    model = EmulatedDataParallel(Recorder(log), 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.ones(7, 2), scale=2.0)
+    assert out.shape == (7, 2) and torch.all(out == 2)
+    assert len({name for name, *_ in log}) == 3
+    assert sorted(n for _, n, _, _ in log) == [1, 3, 3]
+    assert all(grad is False and autocast is True for _, _, grad, autocast in log)
+
+
+def test_gradients_reach_the_original_parameters():
+    model = EmulatedDataParallel(Recorder([]), 4)
+    model(torch.ones(8, 2)).sum().backward()
+    assert model.module.weight.grad.item() == 16.0
+
+
+def test_replicas_share_replica0_buffers_and_copy_the_rest():
+    bn = nn.BatchNorm1d(2)
+    replicas = cpu_replicate(bn, 3)
+    assert replicas[0].running_mean is bn.running_mean
+    assert replicas[1].running_mean is not bn.running_mean
+    assert torch.equal(replicas[2].running_var, bn.running_var)
+
+
+def test_exceptions_in_a_replica_reach_the_caller():
+    class Fails(nn.Module):
+        def forward(self, x):
+            if x.shape[0] == 1:
+                raise KeyError("only the small slice fails")
+            return x
+
+    with pytest.raises(KeyError, match="only the small slice fails"):
+        EmulatedDataParallel(Fails(), 4)(torch.ones(10, 1))

@@ -1,0 +1,158 @@
+"""Replicas that disagree or fail end the forward with a clear error, fast, and never hang."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import autosyncbn
+from autosyncbn.testing import EmulatedDataParallel
+
+pytestmark = [pytest.mark.usefixtures("installed"), pytest.mark.timeout(30)]
+
+
+class BranchOnSliceSize(nn.Module):
+    """A model whose replicas diverge: the smaller last slice takes another path."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.a = nn.BatchNorm1d(4)
+        self.b = nn.BatchNorm1d(4)
+        self.wide = nn.BatchNorm1d(6)
+        self.proj = nn.Linear(4, 6)
+
+    def forward(self, x):
+        small = x.shape[0] < 3
+        if self.mode == "fewer_calls":
+            x = self.a(x)
+            return x if small else self.b(x)
+        if self.mode == "other_layer":
+            return self.b(x) if small else self.a(x)
+        if self.mode == "other_channels":
+            return self.wide(self.proj(x)) if small else self.a(x)
+        if self.mode == "raise_before":
+            if small:
+                raise ArithmeticError("replica-specific failure before BatchNorm")
+            return self.a(x)
+        if self.mode == "raise_between":
+            x = self.a(x)
+            if small:
+                raise ArithmeticError("replica-specific failure between BatchNorm calls")
+            return self.b(x)
+        if self.mode == "no_batchnorm":
+            return x if small else self.a(x)
+        raise AssertionError(self.mode)
+
+
+def run_expecting(mode, error_type, *fragments):
+    model = BranchOnSliceSize(mode)
+    parallel = EmulatedDataParallel(model, 4)
+    x = torch.randn(10, 4)  # slices 3, 3, 3, 1
+    start = time.monotonic()
+    with pytest.raises(error_type) as info:
+        parallel(x)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.0, f"took {elapsed:.1f}s to fail"
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message}"
+    # The next forward works normally.
+    model.mode = "fewer_calls"
+    healthy = EmulatedDataParallel(model, 4)(torch.randn(12, 4))
+    assert healthy.shape == (12, 4)
+    return message
+
+
+def test_fewer_calls_in_one_replica():
+    run_expecting("fewer_calls", autosyncbn.ReplicaMismatchError, "replica 3", "call 1", "'b'")
+
+
+def test_different_layer_at_same_call():
+    run_expecting("other_layer", autosyncbn.ReplicaMismatchError, "call 0", "'a'", "'b'", "replica 3")
+
+
+def test_different_channel_count_at_same_call():
+    run_expecting("other_channels", autosyncbn.ReplicaMismatchError, "6 channels", "4 channels", "'wide'")
+
+
+def test_replica_raising_before_batchnorm():
+    # The caller sees the first replica's error: the peers' PeerFailedError names
+    # the replica that raised, the call it was waiting at, and the original error.
+    run_expecting(
+        "raise_before", (ArithmeticError, autosyncbn.PeerFailedError),
+        "replica 3", "ArithmeticError", "replica-specific failure before",
+    )
+
+
+def test_replica_raising_between_batchnorm_calls():
+    run_expecting(
+        "raise_between", (ArithmeticError, autosyncbn.PeerFailedError),
+        "replica 3", "call 1", "'b'", "replica-specific failure between",
+    )
+
+
+def test_peer_error_names_the_failing_replica_and_call():
+    # Replicas 0-2 wait at call 1 while replica 3 raises; their error names it.
+    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
+    group.replica_finished(1, ArithmeticError("boom"))
+    layer_call = group.next_call(0, "layer1.bn")
+    contribution = autosyncbn.group._Contribution("layer1.bn", 3, 4, torch.zeros(3), torch.ones(3))
+    with pytest.raises(autosyncbn.PeerFailedError, match=r"replica 0 was waiting at BatchNorm call 0 \(layer 'layer1.bn'\), but replica 1 raised.*ArithmeticError: boom"):
+        group.exchange(0, layer_call, contribution)
+
+
+def test_replica_without_batchnorm_while_others_call_it():
+    run_expecting("no_batchnorm", autosyncbn.ReplicaMismatchError, "replica 3", "0 call(s)")
+
+
+def test_timeout_when_a_peer_never_arrives():
+    group = autosyncbn.group.ReplicaGroup(2, timeout=0.2)
+    contribution = autosyncbn.group._Contribution("bn", 3, 4, torch.zeros(3), torch.ones(3))
+    start = time.monotonic()
+    with pytest.raises(autosyncbn.SyncTimeoutError, match=r"replica 0 waited 0.2s at BatchNorm call 0 \(layer 'bn'\).*\[1\]"):
+        group.exchange(0, group.next_call(0, "bn"), contribution)
+    assert time.monotonic() - start < 2
+
+
+def test_whole_batch_with_one_value_per_channel_raises_pytorch_error():
+    layer = nn.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        EmulatedDataParallel(layer, 4)(torch.randn(1, 3))
+
+
+def test_one_value_per_channel_over_replicas_is_pytorch_error_too():
+    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
+    contribution = autosyncbn.group._Contribution("bn", 3, 1, torch.zeros(3), torch.zeros(3))
+    import threading
+
+    errors = []
+
+    def replica(index, count):
+        c = autosyncbn.group._Contribution("bn", 3, count, torch.zeros(3), torch.zeros(3))
+        try:
+            group.exchange(index, group.next_call(index, "bn"), c)
+        except ValueError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=replica, args=(i, n)) for i, n in [(0, 1), (1, 0)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 2 and all("more than 1 value per channel" in str(e) for e in errors)
+
+
+@pytest.mark.parametrize("bad_input,error", [
+    (torch.randn(8), ValueError),                 # wrong rank
+    (torch.randn(8, 5), RuntimeError),            # wrong channel count
+    (torch.ones(8, 4, dtype=torch.long), RuntimeError),  # not floating point
+])
+def test_bad_input_raises_what_pytorch_raises(bad_input, error):
+    layer = nn.BatchNorm1d(4)
+    with pytest.raises(error):
+        layer(bad_input.clone())  # PyTorch's own error type, outside DataParallel
+    with pytest.raises(error):
+        EmulatedDataParallel(layer, 2)(bad_input)
