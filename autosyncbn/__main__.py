@@ -1,0 +1,20 @@
+"""``python -m autosyncbn demo`` and ``python -m autosyncbn check``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autosyncbn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    from . import check, demo
+
+    demo.add_arguments(commands.add_parser("demo", help="train on digits three ways and compare"))
+    check.add_arguments(commands.add_parser("check", help="self-test on this machine's devices"))
+    args = parser.parse_args(argv)
+    return {"demo": demo.main, "check": check.main}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

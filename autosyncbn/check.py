@@ -1,0 +1,130 @@
+"""``python -m autosyncbn check``: does synchronized BatchNorm match one device here?
+
+Runs a BatchNorm model under DataParallel on every visible GPU (or on
+emulated CPU replicas when there is none) with ``autosyncbn`` installed, and
+compares output, gradients and running statistics with one device running the
+whole batch. Prints a table of errors and the time overhead against
+unsynchronized BatchNorm; exits 1 on a mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from . import patching
+from .testing import EmulatedDataParallel
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8, momentum=None),
+    )
+
+
+def _parallel(model: nn.Module, replicas: int) -> nn.Module:
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return nn.DataParallel(model, device_ids=[i % count for i in range(replicas)])
+    return EmulatedDataParallel(model, replicas)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
+    """Largest difference relative to the scale of the values (at least 1)."""
+    scale = max(scale, expected.abs().max().item(), 1.0)
+    return (actual.double() - expected.double()).abs().max().item() / scale
+
+
+def compare(replicas: int, batch: int, steps: int = 3, seed: int = 0) -> dict:
+    """Largest relative error of each quantity over ``steps`` training steps."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    model = _model().to(device)
+    reference = copy.deepcopy(model)
+    parallel = _parallel(model, replicas)
+    errors: dict = {}
+
+    def record(name: str, value: float) -> None:
+        errors[name] = max(errors.get(name, 0.0), value)
+
+    with patching.patched():
+        for _ in range(steps):
+            x = (torch.randn(batch, 3, 12, 12, device=device) * 2 + 1).requires_grad_()
+            x_ref = x.detach().clone().requires_grad_()
+            target = torch.randn(batch, 8, 12, 12, device=device)
+            out, ref_out = parallel(x), reference(x_ref)
+            (out * target).sum().backward()
+            (ref_out * target).sum().backward()
+            record("output", _relative_error(out, ref_out))
+            record("input grad", _relative_error(x.grad, x_ref.grad))
+            # A bias right before BatchNorm has zero gradient in exact arithmetic:
+            # judge every gradient against the largest gradient of the model.
+            grad_scale = max(q.grad.abs().max().item() for q in reference.parameters())
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                kind = "weight grad" if name.endswith("weight") else "bias grad"
+                record(kind, _relative_error(p.grad, q.grad, grad_scale))
+            for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+                if name.endswith("running_mean"):
+                    record("running_mean", _relative_error(b, c))
+                elif name.endswith("running_var"):
+                    record("running_var", _relative_error(b, c))
+            for m in (model, reference):
+                m.zero_grad()
+    return errors
+
+
+def overhead(replicas: int, batch: int, repeats: int = 15) -> float:
+    """Median step time synchronized / unsynchronized, interleaved in one run."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _model().to(device)
+    parallel = _parallel(model, replicas)
+    x = torch.randn(batch, 3, 12, 12, device=device)
+    times: dict = {True: [], False: []}
+
+    def step() -> None:
+        parallel(x).square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        step()
+    for _ in range(repeats):
+        for synchronized in (False, True):
+            start = time.perf_counter()
+            if synchronized:
+                with patching.patched():
+                    step()
+            else:
+                step()
+            times[synchronized].append(time.perf_counter() - start)
+    return statistics.median(times[True]) / statistics.median(times[False])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default = torch.cuda.device_count() if torch.cuda.device_count() > 1 else 4
+    parser.add_argument("--replicas", type=int, default=default, help=f"replicas (default {default})")
+    parser.add_argument("--batch", type=int, default=10, help="whole batch (default 10: uneven slices)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error allowed")
+
+
+def main(args: argparse.Namespace) -> int:
+    where = (f"{torch.cuda.device_count()} CUDA device(s): {torch.cuda.get_device_name(0)}"
+             if torch.cuda.is_available() else "no GPU: emulated CPU replicas")
+    print(f"autosyncbn check: {args.replicas} replicas, batch {args.batch}, on {where}")
+    errors = compare(args.replicas, args.batch)
+    print(f"{'quantity':<14} {'max rel. error':>15}  status")
+    failed = False
+    for name, value in errors.items():
+        ok = value <= args.tolerance
+        failed |= not ok
+        print(f"{name:<14} {value:>15.2e}  {'ok' if ok else 'MISMATCH'}")
+    ratio = overhead(args.replicas, args.batch)
+    print(f"time per training step, synchronized / unsynchronized: {ratio:.2f}x")
+    print("MISMATCH: synchronized BatchNorm does not match one device" if failed else "all match")
+    return 1 if failed else 0

@@ -1,0 +1,51 @@
+"""The demo, the self-check and every example run as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autosyncbn.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_with_small_settings(tmp_path, capsys):
+    assert main(["demo", "--replicas", "4", "--per-replica", "4", "--epochs", "1",
+                 "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "final test accuracy" in printed and "after the first step" in printed
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    # One step in, the synchronized model is the reference model up to float32 round-off.
+    assert history["first_step_logit_difference"] < 1e-4
+    for run in ("reference", "per-replica", "autosyncbn"):
+        assert len(history[run]["test_accuracy"]) == 1
+
+
+def test_check_passes_and_prints_a_table(capsys):
+    assert main(["check", "--replicas", "3", "--batch", "7"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("output", "input grad", "weight grad", "bias grad", "running_mean", "running_var", "all match"):
+        assert row in printed
+
+
+def test_check_fails_on_a_mismatch(capsys, monkeypatch):
+    from autosyncbn import check
+
+    monkeypatch.setattr(check.patching, "patched", __import__("contextlib").nullcontext)
+    assert main(["check", "--replicas", "3", "--batch", "7"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "ddp_cpu.py"))
+def test_example_runs(example):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / example)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
