@@ -72,6 +72,28 @@ def _kernel_affine(param: Optional[Tensor], stats_dtype: torch.dtype) -> Optiona
     return param.to(stats_dtype)
 
 
+def normalize_with_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                         mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """PyTorch's fused eval-mode BatchNorm kernel: normalize with the given statistics."""
+    return torch.native_batch_norm(
+        input, _kernel_affine(weight, mean.dtype), _kernel_affine(bias, mean.dtype),
+        mean, var, False, 0.0, eps,
+    )[0]
+
+
+def normalize_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor,
+                       var: Tensor, eps: float, need_input: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """One fused pass: (dy * weight * invstd, sum(dy * xhat), sum(dy)) per channel."""
+    if input.numel() == 0:
+        # PyTorch's kernel divides by the element count; an empty slice adds nothing.
+        zeros = torch.zeros_like(mean)
+        return (torch.zeros_like(input) if need_input else None), zeros, zeros.clone()
+    return torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, _kernel_affine(weight, mean.dtype), mean, var,
+        None, None, False, eps, [need_input, True, True],
+    )
+
+
 class _NormalizeWithStats(torch.autograd.Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with given statistics.
 
@@ -92,10 +114,7 @@ class _NormalizeWithStats(torch.autograd.Function):
         # Save the input only when _LocalMoments did not (x needs no grad).
         saved_input = input if moments_node is None else None
         ctx.save_for_backward(saved_input, mean, var, weight)
-        return torch.native_batch_norm(
-            input, _kernel_affine(weight, mean.dtype), _kernel_affine(bias, mean.dtype),
-            mean, var, False, 0.0, eps,
-        )[0]
+        return normalize_with_stats(input, weight, bias, mean, var, eps)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -115,9 +134,8 @@ class _NormalizeWithStats(torch.autograd.Function):
             sum_dy = dy.sum(dims)
             sum_dy_xhat = (dy * xhat).sum(dims)
         else:
-            grad_input, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_output, input, _kernel_affine(weight, mean.dtype), mean, var,
-                None, None, False, ctx.eps, [need_input, True, True],
+            grad_input, sum_dy_xhat, sum_dy = normalize_backward(
+                grad_output, input, weight, mean, var, ctx.eps, need_input
             )
         grad_mean = -scale * sum_dy if need_mean else None
         grad_var = -0.5 * scale * invstd * sum_dy_xhat if need_var else None

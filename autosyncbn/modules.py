@@ -6,20 +6,33 @@ synchronized context they *are* PyTorch's BatchNorm (``super().forward``).
 """
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import process_group_handle, record_name
 from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward
 
 
 class _SynchronizedBatchNormMixin:
-    """Synchronize when a handle is attached and the layer is training; else PyTorch's path."""
+    """Synchronize across DataParallel replicas (a handle is attached) or across the
+    process group (``torch.distributed`` is initialized) while training; else PyTorch's path."""
+
+    process_group: Any = None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device: Any = None,
+                 dtype: Any = None, process_group: Any = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,  # type: ignore[call-arg]
+                         device=device, dtype=dtype)
+        self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
         handle = sync_handle(self)  # type: ignore[arg-type]
+        if handle is None and self.training and not self.__dict__.get(EXCLUDED_ATTRIBUTE, False):  # type: ignore[attr-defined]
+            handle = process_group_handle(self, self.process_group)  # type: ignore[arg-type]
         if handle is None:
             return super().forward(input)  # type: ignore[misc]
         return synchronized_forward(self, input, handle)  # type: ignore[arg-type]
@@ -39,6 +52,8 @@ class SynchronizedBatchNorm1d(_SynchronizedBatchNormMixin, nn.BatchNorm1d):
         momentum: running-average factor; ``None`` for a cumulative average. Default: 0.1
         affine: learnable weight and bias. Default: ``True``
         track_running_stats: keep running estimates. Default: ``True``
+        process_group: the ``torch.distributed`` group to synchronize over when
+            one is initialized (default: the world)
 
     Shape:
         - Input: :math:`(N, C)` or :math:`(N, C, L)`
@@ -120,7 +135,7 @@ def _convert_children(module: nn.Module, convert: "callable") -> None:
             module._modules[name] = convert(child)
 
 
-def convert_model(module: M) -> M:
+def convert_model(module: M, process_group: Any = None) -> M:
     """Replace every ``nn.BatchNorm1d/2d/3d`` (and ``nn.SyncBatchNorm``) by its synchronized twin.
 
     Options, the very same parameter and buffer objects (so ``requires_grad``,
@@ -128,15 +143,29 @@ def convert_model(module: M) -> M:
     ``nn.DataParallel`` becomes a :class:`DataParallelWithCallback` with the
     same devices. Subclasses of BatchNorm with their own behaviour are left alone.
 
+    Args:
+        module: the model (or an ``nn.DataParallel`` around it).
+        process_group: the ``torch.distributed`` group the converted layers
+            synchronize over (default: an ``nn.SyncBatchNorm``'s own group, else the world).
+
     Examples::
 
         >>> model = convert_model(torchvision.models.resnet18())
         >>> model = convert_model(nn.DataParallel(model, device_ids=[0, 1]))
     """
+    converted = _convert(module, process_group)
+    # Qualified names tell layers apart across ranks in error messages.
+    for name, layer in converted.named_modules():
+        if is_synchronized_class(layer):
+            record_name(layer, name or "<root>")
+    return converted
+
+
+def _convert(module: M, process_group: Any) -> M:
     from .parallel import DataParallelWithCallback
 
     if isinstance(module, nn.DataParallel):
-        inner = convert_model(module.module)
+        inner = _convert(module.module, process_group)
         if not module.device_ids:
             wrapped = DataParallelWithCallback.__new__(DataParallelWithCallback)
             nn.Module.__init__(wrapped)
@@ -150,8 +179,11 @@ def convert_model(module: M) -> M:
     target = _TO_SYNCHRONIZED.get(type(module))
     if target is None and type(module) is nn.SyncBatchNorm:
         target = _synchronized_class_for(module)
-    converted = _rebuild(module, target) if target is not None else module  # type: ignore[arg-type]
-    _convert_children(converted, convert_model)
+    converted = module
+    if target is not None:
+        converted = _rebuild(module, target)  # type: ignore[arg-type]
+        converted.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
+    _convert_children(converted, lambda child: _convert(child, process_group))
     return converted  # type: ignore[return-value]
 
 

@@ -41,10 +41,15 @@ def local_mean_var(input: Tensor) -> tuple[Tensor, Tensor]:
 
     Uses PyTorch's own BatchNorm statistics kernel (one pass, the same numerics
     as ``nn.BatchNorm``). Half inputs get float32 scratch buffers so the kernel
-    returns float32 statistics; momentum 0 leaves the scratch untouched.
+    returns float32 statistics; momentum 0 leaves the scratch untouched. An
+    empty input has zero mean and variance (its count, 0, gives it no weight).
     """
+    channels = input.shape[1]
+    if input.numel() == 0:
+        # An empty slice contributes nothing (and PyTorch's kernel rejects it).
+        zeros = torch.zeros(channels, dtype=accumulation_dtype(input.dtype), device=input.device)
+        return zeros, zeros.clone()
     if input.dtype in _REDUCED_PRECISION:
-        channels = input.shape[1]
         scratch_mean = torch.zeros(channels, dtype=torch.float32, device=input.device)
         scratch_var = torch.ones(channels, dtype=torch.float32, device=input.device)
         return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
@@ -61,7 +66,7 @@ def merge_moments(
     precision. Differentiable: gradients reach every part's mean and M2.
     All tensors must be on one device.
     """
-    total = float(sum(counts))
+    total = float(sum(counts)) or 1.0  # all-empty: zeros, and the caller raises
     weights = torch.tensor(
         [float(n) for n in counts], dtype=means[0].dtype, device=means[0].device
     ).unsqueeze(1)

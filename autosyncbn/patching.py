@@ -20,8 +20,10 @@ import wrapt
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .forward import sync_handle, synchronized_forward
+from .distributed import process_group_handle
+from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward
 from .group import DEFAULT_TIMEOUT, ReplicaGroup
+from .modules import is_synchronized_class
 from .parallel import LayerFilter, prepare_replicas
 
 
@@ -89,10 +91,14 @@ def _wrap_batchnorm_forward(wrapped: Callable, instance: Any, args: tuple, kwarg
     handle = sync_handle(instance)
     if handle is None:
         options = _options
-        if options is None or not options.distributed or not instance.training:
+        if (
+            options is None
+            or not options.distributed
+            or not instance.training
+            or instance.__dict__.get(EXCLUDED_ATTRIBUTE, False)
+            or is_synchronized_class(instance)  # it decided for itself already
+        ):
             return wrapped(*args, **kwargs)
-        from .distributed import process_group_handle
-
         handle = process_group_handle(instance, options.process_group)
         if handle is None:
             return wrapped(*args, **kwargs)

@@ -49,3 +49,15 @@ def test_example_runs(example):
                             capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()
+
+
+@pytest.mark.timeout(300)
+def test_ddp_example_runs_under_torchrun():
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "examples" / "ddp_cpu.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    gap = float(result.stdout.strip().splitlines()[-1].rsplit("=", 1)[1])
+    assert gap < 1e-5

@@ -1,0 +1,206 @@
+"""The ``torch.distributed`` backend: synchronize BatchNorm across a process group.
+
+Works on every backend PyTorch's collectives support: gloo on CPU (where
+``torch.nn.SyncBatchNorm`` refuses to run) and NCCL on GPU. Per synchronized
+call, forward makes two all-gathers: a fixed-size header (call number,
+channel count, value count, layer fingerprint), so disagreeing ranks raise the
+same clear error instead of mixing statistics or aborting on a size mismatch,
+then every rank's (mean, M2), merged by Chan's formula. Backward makes one
+all-reduce of the two per-channel gradient sums.
+
+A rank that stops calling BatchNorm leaves its peers waiting in a collective
+until the process group's own timeout (``init_process_group(timeout=...)``).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import zlib
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import ReplicaMismatchError
+from .functional import normalize_backward, normalize_with_stats
+from .moments import (
+    accumulation_dtype,
+    channel_view_shape,
+    local_mean_var,
+    merge_moments,
+    values_per_channel,
+)
+
+NAME_ATTRIBUTE = "_autosyncbn_name"
+"""A layer's qualified name (set by ``convert_model``), used to tell layers apart across ranks."""
+
+_lock = threading.Lock()
+_first_use = itertools.count()
+_call_counters: dict = {}
+_names_by_fingerprint: dict[int, str] = {}
+
+
+def _distributed() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def record_name(layer: _BatchNorm, name: str) -> None:
+    """Name ``layer`` for cross-rank checks; every rank that records it can print it."""
+    layer.__dict__[NAME_ATTRIBUTE] = name
+    _fingerprint(name)
+
+
+def layer_name(layer: _BatchNorm) -> str:
+    """The layer's recorded name, else its order of first synchronized use in this process."""
+    name = layer.__dict__.get(NAME_ATTRIBUTE)
+    if name is None:
+        with _lock:
+            name = layer.__dict__.setdefault(NAME_ATTRIBUTE, f"<BatchNorm first used #{next(_first_use)}>")
+    return name
+
+
+def _fingerprint(name: str) -> int:
+    value = zlib.crc32(name.encode())
+    _names_by_fingerprint[value] = name
+    return value
+
+
+def _next_call(group: Any) -> int:
+    key = id(group) if group is not None else None
+    with _lock:
+        call = _call_counters.get(key, 0)
+        _call_counters[key] = call + 1
+    return call
+
+
+def process_group_handle(layer: _BatchNorm, process_group: Any = None) -> Optional["ProcessGroupHandle"]:
+    """A handle when ``torch.distributed`` is initialized and the group has 2+ ranks, else None."""
+    dist = _distributed()
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if process_group is None:
+        process_group = dist.group.WORLD
+    if dist.get_world_size(process_group) < 2:
+        return None
+    return ProcessGroupHandle(process_group, layer_name(layer))
+
+
+class ProcessGroupHandle:
+    """What a layer needs to synchronize over one process group for one call."""
+
+    # Every rank holds its own buffers and computes the same global statistics.
+    updates_running_stats = True
+
+    def __init__(self, process_group: Any, layer: str) -> None:
+        self.process_group = process_group
+        self.layer = layer
+
+    def batch_norm(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor, Tensor, int]:
+        total: list[int] = []  # filled by forward: the global value count per channel
+        output, mean, var = _DistributedBatchNorm.apply(
+            input, weight, bias, eps, self.process_group, self.layer, total
+        )
+        return output, mean, var, total[0]
+
+
+def _gather(tensor: Tensor, group: Any) -> Tensor:
+    dist = _distributed()
+    world = dist.get_world_size(group)
+    out = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    # all_gather_single is the newer name (PyTorch 2.10+) of all_gather_into_tensor.
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_into(out, tensor, group=group)
+    return out.view(world, -1)
+
+
+def _check_headers(headers: Tensor, group: Any, layer: str) -> list[int]:
+    """Per-rank value counts, or the same error on every rank (all gathered the same headers)."""
+    dist = _distributed()
+    rows = headers.tolist()
+    me = dist.get_rank(group)
+    calls = {row[0] for row in rows}
+    if len(calls) > 1 or len({(row[1], row[3]) for row in rows}) > 1:
+        detail = ", ".join(
+            f"rank {rank}: call {call} of '{_names_by_fingerprint.get(print_, f'layer #{print_}')}' "
+            f"with {channels} channels"
+            for rank, (call, channels, _, print_) in enumerate(rows)
+        )
+        raise ReplicaMismatchError(
+            f"on rank {me} (group rank): ranks disagree at synchronized BatchNorm call "
+            f"{rows[me][0]} (this rank: '{layer}'): {detail}. Every rank must run the same "
+            f"BatchNorm layers in the same order."
+        )
+    total = sum(row[2] for row in rows)
+    if total <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {total} value(s) per "
+            f"channel over all ranks (per rank: {[row[2] for row in rows]}) at layer '{layer}'"
+        )
+    return [row[2] for row in rows]
+
+
+class _DistributedBatchNorm(torch.autograd.Function):
+    """BatchNorm whose statistics and gradient sums are reduced across a process group.
+
+    Saves the input once plus per-channel vectors, as ``nn.BatchNorm`` does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                group: Any, layer: str, total_out: list) -> tuple[Tensor, Tensor, Tensor]:
+        channels = input.shape[1]
+        count = values_per_channel(input)
+        header = torch.tensor(
+            [_next_call(group), channels, count, _fingerprint(layer)], dtype=torch.long, device=input.device
+        )
+        counts = _check_headers(_gather(header, group), group, layer)
+        total = sum(counts)
+        mean, var = local_mean_var(input)
+        moments = _gather(torch.cat([mean, var * count]).to(torch.float64), group)
+        merged_mean, merged_m2 = merge_moments(
+            counts, list(moments[:, :channels]), list(moments[:, channels:])
+        )
+        acc = accumulation_dtype(input.dtype)
+        global_mean = merged_mean.to(acc)
+        global_var = (merged_m2 / total).to(acc)
+        ctx.eps, ctx.group, ctx.total = eps, group, total
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(input, weight, global_mean, global_var)
+        ctx.mark_non_differentiable(global_mean, global_var)
+        total_out.append(total)
+        return normalize_with_stats(input, weight, bias, global_mean, global_var, eps), global_mean, global_var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor, _mean: Any, _var: Any) -> tuple[Optional[Tensor], ...]:
+        input, weight, mean, var = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_partial, sum_dy_xhat, sum_dy = normalize_backward(
+            grad_output, input, weight, mean, var, ctx.eps, need_input
+        )
+        grad_input = None
+        if need_input:
+            sums = torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype)
+            _distributed().all_reduce(sums, group=ctx.group)
+            channels = mean.numel()
+            mean_dy, mean_dy_xhat = sums[:channels] / ctx.total, sums[channels:] / ctx.total
+            invstd = torch.rsqrt(var + ctx.eps)
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) = partial + a + b * x
+            slope = -scale * invstd * mean_dy_xhat
+            offset = -scale * mean_dy - slope * mean
+            shape = channel_view_shape(input)
+            grad_input = torch.addcmul(grad_partial, input, slope.view(shape))
+            grad_input.add_(offset.view(shape))
+            grad_input = grad_input.to(input.dtype)
+        # Parameter gradients stay local, as in nn.SyncBatchNorm: DDP reduces them.
+        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight and weight is not None else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+

@@ -1,0 +1,177 @@
+"""Synchronization over torch.distributed with real processes (gloo on loopback).
+
+Each rank compares its results with one process running the whole global
+batch with plain BatchNorm: forward, input gradient, parameter gradients
+(summed over ranks) and running statistics, over several steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import autosyncbn
+
+from distributed_helpers import run_ranks
+from helpers import ConvBlock, assert_close_to_scale, assert_models_match, input_of_rank, loss_of
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _global_inputs(steps: int, batch: int, input_rank: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [input_of_rank(input_rank, batch, generator=generator) for _ in range(steps)]
+
+
+def _slice(sizes, tensor, rank):
+    return torch.split(tensor, list(sizes))[rank]
+
+
+def worker_matches_global_batch(rank, world, sizes, route, input_rank):
+    torch.manual_seed(0)
+    base = ConvBlock(input_rank, momentum=None if route == "install" else 0.1)
+    reference = copy.deepcopy(base)
+    model = autosyncbn.convert_model(base) if route == "explicit" else base
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    for step, x_all in enumerate(_global_inputs(3, sum(sizes), input_rank)):
+        x_all.requires_grad_()
+        ref_out = reference(x_all)  # outside the patch: one process, plain BatchNorm
+        target_all = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(100 + step))
+        loss_of(ref_out, target_all).backward()
+        x = _slice(sizes, x_all.detach(), rank).clone().requires_grad_()
+        target = _slice(sizes, target_all, rank)
+        with autosyncbn.patched(distributed=True) if route == "install" else contextlib.nullcontext():
+            out = model(x)
+            # This rank's share of loss_of over the global batch.
+            ((out * target).sum() + (out - target).square().sum() / ref_out.numel()).backward()
+        assert_close_to_scale(out, _slice(sizes, ref_out.detach(), rank), what=f"rank {rank} output")
+        assert_close_to_scale(x.grad, _slice(sizes, x_all.grad, rank), what=f"rank {rank} input grad")
+        for p in model.parameters():  # what DDP does, with a sum instead of a mean
+            dist.all_reduce(p.grad)
+        assert_models_match(model, reference)
+        opt.step(); ref_opt.step(); opt.zero_grad(); ref_opt.zero_grad()
+    assert_models_match(model, reference)
+
+
+@pytest.mark.parametrize("route", ["explicit", "install"])
+@pytest.mark.parametrize("sizes", [(4, 4), (5, 2), (3, 1, 2)], ids=str)
+def test_ranks_match_one_process_with_the_global_batch(route, sizes):
+    run_ranks(worker_matches_global_batch, len(sizes), sizes, route, 4)
+
+
+@pytest.mark.parametrize("input_rank", [2, 3, 5])
+def test_every_input_rank(input_rank):
+    run_ranks(worker_matches_global_batch, 2, (3, 4), "explicit", input_rank)
+
+
+def test_a_rank_with_an_empty_batch():
+    run_ranks(worker_matches_global_batch, 3, (4, 0, 3), "explicit", 4)
+
+
+def worker_ddp_loop(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+    reference = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(autosyncbn.convert_model(model))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x_all = torch.randn(8, 3, 5, 5, generator=generator) * 2 + 1
+        t_all = torch.randn(8, 4, 5, 5, generator=generator)
+        ref_loss = ((reference(x_all) - t_all) ** 2).mean()
+        ref_opt.zero_grad(); ref_loss.backward(); ref_opt.step()
+        x, t = x_all.chunk(world)[rank], t_all.chunk(world)[rank]
+        loss = ((ddp(x) - t) ** 2).mean()  # DDP averages: the mean over the global batch
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert_models_match(ddp.module, reference, rel=1e-4)
+
+
+def test_distributed_data_parallel_training_matches_one_process():
+    run_ranks(worker_ddp_loop, 2)
+
+
+def worker_subgroups(rank, world):
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    torch.manual_seed(0)
+    layer = nn.BatchNorm1d(3)
+    reference = copy.deepcopy(layer)
+    model = autosyncbn.convert_model(nn.Sequential(layer), process_group=mine)
+    x_all = torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(2)) + torch.arange(4.0).view(4, 1, 1) * 5
+    pair = x_all[(rank // 2) * 2: (rank // 2) * 2 + 2].reshape(8, 3)  # this subgroup's batch
+    out = model(x_all[rank])
+    expected = reference(pair)[(rank % 2) * 4: (rank % 2) * 4 + 4]
+    assert_close_to_scale(out, expected.detach(), what=f"rank {rank}")
+    assert_close_to_scale(model[0].running_mean, reference.running_mean, what="running_mean")
+
+
+def test_process_subgroups_synchronize_within_the_group():
+    run_ranks(worker_subgroups, 4)
+
+
+def worker_disagreeing(rank, world, kind):
+    a, b, wide = (autosyncbn.SynchronizedBatchNorm1d(4), autosyncbn.SynchronizedBatchNorm1d(4),
+                  autosyncbn.SynchronizedBatchNorm1d(6))
+    model = nn.ModuleDict(dict(a=a, b=b, wide=wide))
+    autosyncbn.convert_model(model)  # records the layers' names
+    x = torch.randn(5, 4)
+    with pytest.raises(autosyncbn.ReplicaMismatchError) as info:
+        if kind == "order":
+            (b(a(x)) if rank == 0 else a(b(x)))
+        else:
+            (a(x) if rank == 0 else wide(torch.randn(5, 6)))
+    message = str(info.value)
+    assert "rank 0" in message and "rank 1" in message, message
+    assert ("'a'" in message and "'b'" in message) if kind == "order" else ("6 channels" in message and "4 channels" in message)
+    # Ranks stay in step: the next forward works.
+    assert b(a(x)).shape == (5, 4)
+
+
+@pytest.mark.parametrize("kind", ["order", "channels"])
+def test_disagreeing_ranks_raise_the_same_clear_error(kind):
+    run_ranks(worker_disagreeing, 2, kind)
+
+
+def worker_one_value(rank, world):
+    layer = autosyncbn.SynchronizedBatchNorm1d(3)
+    x = torch.randn(1, 3) if rank == 0 else torch.randn(0, 3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(x)
+
+
+def test_global_batch_of_one_value_per_channel_raises_on_every_rank():
+    run_ranks(worker_one_value, 2)
+
+
+def worker_plain_layers_stay_local_without_option(rank, world):
+    layer = nn.BatchNorm1d(3)
+    x = torch.randn(4, 3) + rank * 10
+    with autosyncbn.patched():  # distributed=False: plain layers are PyTorch's own
+        out = layer(x)
+    torch.testing.assert_close(out, nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True))
+
+
+def test_install_without_distributed_leaves_process_groups_alone():
+    run_ranks(worker_plain_layers_stay_local_without_option, 2)
+
+
+def test_sync_batchnorm_interop_keeps_state_dicts():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model(torch.randn(4, 3, 2, 2))
+    state = copy.deepcopy(model.state_dict())
+    torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(autosyncbn.convert_model(copy.deepcopy(model)))
+    assert isinstance(torch_sync[1], nn.SyncBatchNorm)
+    ours = autosyncbn.convert_model(torch_sync)
+    assert isinstance(ours[1], autosyncbn.SynchronizedBatchNorm2d)
+    plain = autosyncbn.revert_model(copy.deepcopy(torch_sync))
+    for converted in (torch_sync, ours, plain):
+        assert converted.state_dict().keys() == state.keys()
+        for key, value in converted.state_dict().items():
+            assert torch.equal(value, state[key]), key
