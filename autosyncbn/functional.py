@@ -1,21 +1,25 @@
 """Autograd Functions for synchronized BatchNorm across replica threads.
 
-One synchronized layer call in one replica is two Functions joined by the
-exchange (see ``group.py``)::
+One synchronized layer call is three Functions, joined by the exchange in
+``group.py``::
 
-    x --_LocalMoments--> (x view, mean_i, M2_i) --exchange/merge--> (mean, var)
-    (x view, mean, var, weight, bias) --_NormalizeWithStats--> y
+    replica i:  x --_LocalMoments--> (x view, mean_i, var_i)
+    once:       (n_i, mean_i, var_i for every i) --_MergeMoments--> (mean, var) on each replica's device
+    replica i:  (x view, mean, var, weight, bias) --_NormalizeWithStats--> y
 
 The global ``mean``/``var`` are autograd-connected to every replica's
-``mean_i``/``M2_i``, so backward reaches every slice with no barrier (a
+``mean_i``/``var_i``, so backward reaches every slice with no barrier (a
 barrier in backward would deadlock on CPU, where autograd runs every replica's
 backward in one thread). The input is saved once, by ``_LocalMoments``;
 ``_NormalizeWithStats`` borrows it, so a layer saves what ``nn.BatchNorm``
-saves: the input plus per-channel vectors.
+saves: the input plus per-channel vectors. Each Function is one autograd node
+running PyTorch's fused BatchNorm kernels where they exist; with
+``create_graph=True`` the backward passes use differentiable ops instead, so
+double backward (gradient penalties) works.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,41 +32,121 @@ from .moments import (
     values_per_channel,
 )
 
-# (count, mean_i, M2_i) of this replica -> (global mean, global biased var, global count)
+# (count, mean_i, var_i) of this replica -> (global mean, global biased var, global count)
 Exchange = Callable[[int, Tensor, Tensor], "tuple[Tensor, Tensor, int]"]
 
 
 class _LocalMoments(torch.autograd.Function):
-    """x -> (x, mean, M2) of this slice; backward adds the statistics' share of dx."""
+    """x -> (x, mean_i, var_i) of this slice; backward adds the statistics' share of dx."""
 
     @staticmethod
     def forward(ctx: Any, input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mean, var = local_mean_var(input)
-        count = values_per_channel(input)
-        ctx.count = count
+        ctx.count = values_per_channel(input)
         ctx.save_for_backward(input, mean)
-        return input.view_as(input), mean, var * count
+        return input.view_as(input), mean, var
 
     @staticmethod
     def backward(ctx: Any, grad_input: Optional[Tensor], grad_mean: Optional[Tensor],
-                 grad_m2: Optional[Tensor]) -> Tensor:
+                 grad_var: Optional[Tensor]) -> Tensor:
         input, mean = ctx.saved_tensors
+        count = max(ctx.count, 1)
         if grad_mean is None:
             grad_mean = torch.zeros_like(mean)
-        if grad_m2 is None:
-            grad_m2 = torch.zeros_like(mean)
-        shape = channel_view_shape(input)
-        # d mean/dx = 1/n and d M2/dx = 2 (x - mean): dx += a + b * x per channel.
-        slope = (2.0 * grad_m2).view(shape)
-        offset = (grad_mean / ctx.count).view(shape) - slope * mean.view(shape)
+        if grad_var is None:
+            grad_var = torch.zeros_like(mean)
         if grad_input is None:
             grad_input = torch.zeros_like(input)
-        grad = torch.addcmul(grad_input, input, slope)
-        if torch.is_grad_enabled():
-            grad = grad + offset
-        else:
-            grad.add_(offset)
-        return grad.to(input.dtype)
+        shape = channel_view_shape(input)
+        # d mean_i/dx = 1/n and d var_i/dx = 2 (x - mean_i)/n: dx += offset + slope * x.
+        slope = grad_var * (2.0 / count)
+        offset = torch.addcmul(grad_mean / count, slope, mean, value=-1.0)
+        if torch.is_grad_enabled():  # create_graph: keep it differentiable
+            return (torch.addcmul(grad_input, input, slope.view(shape)) + offset.view(shape)).to(input.dtype)
+        if grad_input.dtype != slope.dtype:  # half input: accumulate in float32
+            grad_input = grad_input.to(slope.dtype)
+        # The incoming gradient is _NormalizeWithStats' fresh tensor, consumed only here.
+        return grad_input.addcmul_(input, slope.view(shape)).add_(offset.view(shape)).to(input.dtype)
+
+
+class _MergeMoments(torch.autograd.Function):
+    """Every replica's (mean_i, var_i) -> (mean, biased var) on every replica's device.
+
+    Chan's parallel merge with weights w_i = n_i / N, done once per call as one
+    autograd node: ``mean = sum w_i mean_i``, ``var = sum w_i var_i + sum w_i
+    (mean_i - mean)^2``. Backward sums the gradients that all replicas' copies
+    received and hands each replica its share: ``d mean/d mean_i = w_i``,
+    ``d var/d mean_i = 2 w_i (mean_i - mean)``, ``d var/d var_i = w_i``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, counts: Sequence[int], *moments: Tensor) -> tuple[Tensor, ...]:
+        replicas = len(counts)
+        means, variances = moments[:replicas], moments[replicas:]
+        device = means[0].device
+        weights = _count_weights(counts, means[0])
+        mean, var, deviation = _chan_merge(weights, means, variances, device)
+        ctx.weights = weights
+        ctx.deviation = deviation  # per-channel vectors, used when not differentiating backward
+        ctx.save_for_backward(*means, *variances)
+        outputs = []
+        for index, replica_mean in enumerate(means):
+            # Distinct tensors per replica, each on that replica's device.
+            copy = index > 0 or replica_mean.device != device
+            outputs += [mean.to(replica_mean.device, copy=copy), var.to(replica_mean.device, copy=copy)]
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        saved = ctx.saved_tensors
+        means = saved[: len(saved) // 2]
+        device = means[0].device
+        weights, deviation = ctx.weights, ctx.deviation
+        if torch.is_grad_enabled():  # create_graph: recompute from the saved inputs, differentiably
+            _, _, deviation = _chan_merge(weights, means, saved[len(saved) // 2:], device)
+        grad_mean = _sum_on(device, grads[0::2], means[0])
+        grad_var = _sum_on(device, grads[1::2], means[0])
+        grad_means = torch.addcmul(grad_mean, deviation, grad_var, value=2.0) * weights
+        grad_variances = grad_var * weights
+        return (
+            None,
+            *[grad_means[i].to(m.device) for i, m in enumerate(means)],
+            *[grad_variances[i].to(m.device) for i, m in enumerate(means)],
+        )
+
+
+def _count_weights(counts: Sequence[int], like: Tensor) -> Tensor:
+    """(replicas, 1) tensor of n_i / N."""
+    total = float(sum(counts)) or 1.0  # all-empty: zeros, and the caller raises
+    return torch.tensor([[n / total] for n in counts], dtype=like.dtype, device=like.device)
+
+
+def _chan_merge(weights: Tensor, means: Sequence[Tensor], variances: Sequence[Tensor],
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, var, mean_i - mean) from per-part means and biased variances, all on ``device``."""
+    stacked_means = torch.stack([m.to(device) for m in means])
+    stacked_vars = torch.stack([v.to(device) for v in variances])
+    column = weights.squeeze(1)
+    mean = torch.mv(stacked_means.t(), column)
+    deviation = stacked_means - mean
+    var = torch.addmv(torch.mv(stacked_vars.t(), column), deviation.square().t(), column)
+    return mean, var, deviation
+
+
+def _sum_on(device: torch.device, grads: Sequence[Optional[Tensor]], like: Tensor) -> Tensor:
+    present = [g.to(device) for g in grads if g is not None]
+    if not present:
+        return torch.zeros_like(like)
+    if len(present) == 1:
+        return present[0]
+    return torch.stack(present).sum(0)
+
+
+def merge_replica_moments(counts: Sequence[int], means: Sequence[Tensor],
+                          variances: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Global (mean, biased var) for each replica, on its device, autograd-connected to all."""
+    outputs = _MergeMoments.apply(tuple(counts), *means, *variances)
+    return [(outputs[2 * i], outputs[2 * i + 1]) for i in range(len(counts))]
 
 
 def _kernel_affine(param: Optional[Tensor], stats_dtype: torch.dtype) -> Optional[Tensor]:
@@ -97,7 +181,6 @@ def normalize_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
 class _NormalizeWithStats(torch.autograd.Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with given statistics.
 
-    Runs PyTorch's fused eval-mode BatchNorm kernels in both directions.
     Backward returns dy's direct share of dx plus the gradients of mean and var,
     which autograd carries back through the merge to every replica.
     """
@@ -107,8 +190,6 @@ class _NormalizeWithStats(torch.autograd.Function):
                 bias: Optional[Tensor], eps: float, moments_node: Any) -> Tensor:
         ctx.eps = eps
         ctx.moments_node = moments_node
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         # Save the input only when _LocalMoments did not (x needs no grad).
@@ -121,15 +202,14 @@ class _NormalizeWithStats(torch.autograd.Function):
         saved_input, mean, var, weight = ctx.saved_tensors
         input = saved_input if ctx.moments_node is None else ctx.moments_node.saved_tensors[0]
         need_input, need_mean, need_var, need_weight, need_bias = ctx.needs_input_grad[:5]
-        invstd = torch.rsqrt(var + ctx.eps)
+        invstd = (var + ctx.eps).rsqrt()
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         if torch.is_grad_enabled():
             # create_graph=True (double backward): composite, differentiable ops.
             shape = channel_view_shape(input)
             dims = reduction_dims(input)
-            acc = accumulation_dtype(input.dtype)
-            dy = grad_output.to(acc)
-            xhat = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
+            dy = grad_output.to(mean.dtype)
+            xhat = (input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
             grad_input = (dy * scale.view(shape)).to(input.dtype) if need_input else None
             sum_dy = dy.sum(dims)
             sum_dy_xhat = (dy * xhat).sum(dims)
@@ -137,10 +217,10 @@ class _NormalizeWithStats(torch.autograd.Function):
             grad_input, sum_dy_xhat, sum_dy = normalize_backward(
                 grad_output, input, weight, mean, var, ctx.eps, need_input
             )
-        grad_mean = -scale * sum_dy if need_mean else None
-        grad_var = -0.5 * scale * invstd * sum_dy_xhat if need_var else None
-        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight and ctx.has_weight else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.has_bias else None
+        grad_mean = scale * sum_dy * -1.0 if need_mean else None
+        grad_var = scale * invstd * sum_dy_xhat * -0.5 if need_var else None
+        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight and ctx.weight_dtype else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype else None
         return grad_input, grad_mean, grad_var, grad_weight, grad_bias, None, None
 
 
@@ -156,8 +236,8 @@ def sync_batch_norm(
     Returns the output and the global mean, biased variance and value count
     per channel (the caller updates running statistics from them).
     """
-    input_view, mean, m2 = _LocalMoments.apply(input)
-    global_mean, global_var, total = exchange(values_per_channel(input), mean, m2)
+    input_view, mean, var = _LocalMoments.apply(input)
+    global_mean, global_var, total = exchange(values_per_channel(input), mean, var)
     output = _NormalizeWithStats.apply(
         input_view, global_mean, global_var, weight, bias, eps, mean.grad_fn
     )

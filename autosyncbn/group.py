@@ -25,8 +25,7 @@ from .errors import (
     SyncBatchNormError,
     SyncTimeoutError,
 )
-from .functional import sync_batch_norm
-from .moments import merge_moments
+from .functional import merge_replica_moments, sync_batch_norm
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a replica waits for its peers at one BatchNorm call before giving up."""
@@ -38,7 +37,7 @@ class _Contribution:
     channels: int
     count: int
     mean: Tensor
-    m2: Tensor
+    var: Tensor
 
 
 @dataclass
@@ -188,16 +187,12 @@ class ReplicaGroup:
             )
             return
         try:
-            device = first.mean.device
-            mean, m2 = merge_moments(
+            merged = merge_replica_moments(
                 [c.count for c in contributions],
-                [c.mean.to(device) for c in contributions],
-                [c.m2.to(device) for c in contributions],
+                [c.mean for c in contributions],
+                [c.var for c in contributions],
             )
-            var = m2 / total
-            slot.results = [
-                (mean.to(c.mean.device), var.to(c.mean.device), total) for c in contributions
-            ]
+            slot.results = [(mean, var, total) for mean, var in merged]
         except Exception as error:  # surfaced in every replica, never left waiting
             failure = error
             slot.error = lambda replica: SyncBatchNormError(
@@ -225,8 +220,8 @@ class ReplicaHandle:
         call = self.group.next_call(self.replica, self.layer)
         channels = input.shape[1]
 
-        def exchange(count: int, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, int]:
-            contribution = _Contribution(self.layer, channels, count, mean, m2)
+        def exchange(count: int, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, int]:
+            contribution = _Contribution(self.layer, channels, count, mean, var)
             return self.group.exchange(self.replica, call, contribution)
 
         return sync_batch_norm(input, weight, bias, eps, exchange)

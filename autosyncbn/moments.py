@@ -101,6 +101,5 @@ def update_running_stats(
     factor: float,
 ) -> None:
     """``running = (1 - f) * running + f * batch``, with the unbiased variance."""
-    unbiased = var * (count / (count - 1))
-    running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-    running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
