@@ -1,12 +1,16 @@
 """The ``torch.distributed`` backend: synchronize BatchNorm across a process group.
 
 Works on every backend PyTorch's collectives support: gloo on CPU (where
-``torch.nn.SyncBatchNorm`` refuses to run) and NCCL on GPU. Per synchronized
-call, forward makes two all-gathers: a fixed-size header (call number,
-channel count, value count, layer fingerprint), so disagreeing ranks raise the
-same clear error instead of mixing statistics or aborting on a size mismatch,
-then every rank's (mean, M2), merged by Chan's formula. Backward makes one
-all-reduce of the two per-channel gradient sums.
+``torch.nn.SyncBatchNorm`` refuses to run) and NCCL on GPU.
+
+Forward makes one all-gather of a fixed-size record per rank: a header (call
+number, channel count, value count, layer fingerprint) and the (mean, M2) of
+the first 512 channels, zero-padded. The size never depends on the layer, so
+ranks that disagree raise the same clear error instead of mixing statistics
+or aborting gloo on a size mismatch; layers wider than 512 channels gather
+the rest in a second collective once the headers agree. Backward reduces the
+two per-channel gradient sums in one collective (an all-gather summed locally
+on gloo, whose small all-reduce is several times slower; an all-reduce elsewhere).
 
 A rank that stops calling BatchNorm leaves its peers waiting in a collective
 until the process group's own timeout (``init_process_group(timeout=...)``).
@@ -117,13 +121,19 @@ def _gather(tensor: Tensor, group: Any) -> Tensor:
     return out.view(world, -1)
 
 
+HEADER = 4
+"""call number, channel count, value count, layer fingerprint."""
+
+FIRST_CHANNELS = 512
+"""Channels whose moments ride in the fixed-size first all-gather."""
+
+
 def _check_headers(headers: Tensor, group: Any, layer: str) -> list[int]:
     """Per-rank value counts, or the same error on every rank (all gathered the same headers)."""
     dist = _distributed()
-    rows = headers.tolist()
+    rows = [[int(value) for value in row] for row in headers.tolist()]
     me = dist.get_rank(group)
-    calls = {row[0] for row in rows}
-    if len(calls) > 1 or len({(row[1], row[3]) for row in rows}) > 1:
+    if len({(row[0], row[1], row[3]) for row in rows}) > 1:
         detail = ", ".join(
             f"rank {rank}: call {call} of '{_names_by_fingerprint.get(print_, f'layer #{print_}')}' "
             f"with {channels} channels"
@@ -143,6 +153,34 @@ def _check_headers(headers: Tensor, group: Any, layer: str) -> list[int]:
     return [row[2] for row in rows]
 
 
+def _gather_moments(header: list[int], mean: Tensor, m2: Tensor, group: Any,
+                    layer: str) -> tuple[list[int], Tensor, Tensor]:
+    """Every rank's (count, mean, M2), checked: one collective for up to 512 channels."""
+    channels = mean.numel()
+    first = min(channels, FIRST_CHANNELS)
+    record = torch.zeros(HEADER + 2 * FIRST_CHANNELS, dtype=torch.float64, device=mean.device)
+    record[:HEADER] = torch.tensor(header, dtype=torch.float64)
+    record[HEADER:HEADER + first] = mean[:first]
+    record[HEADER + FIRST_CHANNELS:HEADER + FIRST_CHANNELS + first] = m2[:first]
+    gathered = _gather(record, group)
+    counts = _check_headers(gathered[:, :HEADER], group, layer)
+    means = gathered[:, HEADER:HEADER + first]
+    m2s = gathered[:, HEADER + FIRST_CHANNELS:HEADER + FIRST_CHANNELS + first]
+    if channels > first:  # the headers agree, so every rank sends the same size
+        rest = _gather(torch.cat([mean[first:], m2[first:]]).to(torch.float64), group)
+        means = torch.cat([means, rest[:, :channels - first]], dim=1)
+        m2s = torch.cat([m2s, rest[:, channels - first:]], dim=1)
+    return counts, means, m2s
+
+
+def _sum_over_ranks(tensor: Tensor, group: Any) -> Tensor:
+    dist = _distributed()
+    if dist.get_backend(group) == "gloo":
+        return _gather(tensor, group).sum(0)
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
 class _DistributedBatchNorm(torch.autograd.Function):
     """BatchNorm whose statistics and gradient sums are reduced across a process group.
 
@@ -154,16 +192,11 @@ class _DistributedBatchNorm(torch.autograd.Function):
                 group: Any, layer: str, total_out: list) -> tuple[Tensor, Tensor, Tensor]:
         channels = input.shape[1]
         count = values_per_channel(input)
-        header = torch.tensor(
-            [_next_call(group), channels, count, _fingerprint(layer)], dtype=torch.long, device=input.device
-        )
-        counts = _check_headers(_gather(header, group), group, layer)
-        total = sum(counts)
+        header = [_next_call(group), channels, count, _fingerprint(layer)]
         mean, var = local_mean_var(input)
-        moments = _gather(torch.cat([mean, var * count]).to(torch.float64), group)
-        merged_mean, merged_m2 = merge_moments(
-            counts, list(moments[:, :channels]), list(moments[:, channels:])
-        )
+        counts, means, m2s = _gather_moments(header, mean, var * count, group, layer)
+        total = sum(counts)
+        merged_mean, merged_m2 = merge_moments(counts, list(means), list(m2s))
         acc = accumulation_dtype(input.dtype)
         global_mean = merged_mean.to(acc)
         global_var = (merged_m2 / total).to(acc)
@@ -185,8 +218,7 @@ class _DistributedBatchNorm(torch.autograd.Function):
         )
         grad_input = None
         if need_input:
-            sums = torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype)
-            _distributed().all_reduce(sums, group=ctx.group)
+            sums = _sum_over_ranks(torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype), ctx.group)
             channels = mean.numel()
             mean_dy, mean_dy_xhat = sums[:channels] / ctx.total, sums[channels:] / ctx.total
             invstd = torch.rsqrt(var + ctx.eps)

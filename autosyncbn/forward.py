@@ -29,11 +29,17 @@ class SyncHandle(Protocol):
                    eps: float) -> "tuple[Tensor, Tensor, Tensor, int]": ...
 
 
+def uses_batch_statistics(layer: _BatchNorm) -> bool:
+    """PyTorch's own rule: batch statistics in training, and in eval without running stats."""
+    return layer.training or (layer.running_mean is None and layer.running_var is None)
+
+
 def sync_handle(layer: _BatchNorm) -> Optional[Any]:
     """The layer's handle when it must synchronize now, else None (PyTorch's own path)."""
-    if not layer.training:
+    handle = layer.__dict__.get(SYNC_ATTRIBUTE)
+    if handle is None or not uses_batch_statistics(layer):
         return None
-    return layer.__dict__.get(SYNC_ATTRIBUTE)
+    return handle
 
 
 def _check_channels(layer: _BatchNorm, input: Tensor) -> None:
@@ -52,7 +58,8 @@ def _check_channels(layer: _BatchNorm, input: Tensor) -> None:
 
 
 def synchronized_forward(layer: _BatchNorm, input: Tensor, handle: SyncHandle) -> Tensor:
-    """Training-mode forward of ``layer`` with statistics from ``handle``."""
+    """Forward of ``layer`` with batch statistics from ``handle`` (training, or eval
+    without running statistics)."""
     layer._check_input_dim(input)
     _check_channels(layer, input)
     factor = running_stats_factor(layer) if handle.updates_running_stats else 0.0

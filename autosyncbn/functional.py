@@ -123,14 +123,19 @@ def _count_weights(counts: Sequence[int], like: Tensor) -> Tensor:
 
 def _chan_merge(weights: Tensor, means: Sequence[Tensor], variances: Sequence[Tensor],
                 device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, var, mean_i - mean) from per-part means and biased variances, all on ``device``."""
-    stacked_means = torch.stack([m.to(device) for m in means])
-    stacked_vars = torch.stack([v.to(device) for v in variances])
-    column = weights.squeeze(1)
+    """(mean, var, mean_i - mean) from per-part means and biased variances, all on ``device``.
+
+    Computed in float64 (per-channel vectors: the cost is nil) and returned in
+    the parts' dtype, so the merge adds no error of its own.
+    """
+    dtype = means[0].dtype
+    stacked_means = torch.stack([m.to(device, torch.float64) for m in means])
+    stacked_vars = torch.stack([v.to(device, torch.float64) for v in variances])
+    column = weights.squeeze(1).double()
     mean = torch.mv(stacked_means.t(), column)
     deviation = stacked_means - mean
     var = torch.addmv(torch.mv(stacked_vars.t(), column), deviation.square().t(), column)
-    return mean, var, deviation
+    return mean.to(dtype), var.to(dtype), deviation.to(dtype)
 
 
 def _sum_on(device: torch.device, grads: Sequence[Optional[Tensor]], like: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import process_group_handle, record_name
-from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward
+from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward, uses_batch_statistics
 
 
 class _SynchronizedBatchNormMixin:
@@ -31,7 +31,8 @@ class _SynchronizedBatchNormMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         handle = sync_handle(self)  # type: ignore[arg-type]
-        if handle is None and self.training and not self.__dict__.get(EXCLUDED_ATTRIBUTE, False):  # type: ignore[attr-defined]
+        if (handle is None and uses_batch_statistics(self)  # type: ignore[arg-type]
+                and not self.__dict__.get(EXCLUDED_ATTRIBUTE, False)):  # type: ignore[attr-defined]
             handle = process_group_handle(self, self.process_group)  # type: ignore[arg-type]
         if handle is None:
             return super().forward(input)  # type: ignore[misc]

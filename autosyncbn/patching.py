@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import process_group_handle
-from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward
+from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward, uses_batch_statistics
 from .group import DEFAULT_TIMEOUT, ReplicaGroup
 from .modules import is_synchronized_class
 from .parallel import LayerFilter, prepare_replicas
@@ -94,7 +94,7 @@ def _wrap_batchnorm_forward(wrapped: Callable, instance: Any, args: tuple, kwarg
         if (
             options is None
             or not options.distributed
-            or not instance.training
+            or not uses_batch_statistics(instance)
             or instance.__dict__.get(EXCLUDED_ATTRIBUTE, False)
             or is_synchronized_class(instance)  # it decided for itself already
         ):

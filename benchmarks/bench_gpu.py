@@ -1,0 +1,119 @@
+"""GPU (runs only with CUDA): real nn.DataParallel and two processes sharing the GPU.
+
+1. nn.DataParallel with the device listed four times (or every GPU when there
+   are several): a training step, synchronized vs unsynchronized BatchNorm.
+2. Two processes over gloo on one GPU: a DDP training step with autosyncbn's
+   layers vs torch.nn.SyncBatchNorm on the same model.
+Prepared to fit one 10-minute device call. Writes results/gpu.json.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import autosyncbn  # noqa: E402
+from common import interleaved_medians, resnet_like, write_json  # noqa: E402
+
+
+def _cuda_step(model: nn.Module, x: torch.Tensor):
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        torch.cuda.synchronize()
+
+    return step
+
+
+def data_parallel(repeats: int) -> dict:
+    count = torch.cuda.device_count()
+    device_ids = list(range(count)) if count > 1 else [0, 0, 0, 0]
+    rows = {}
+    for width, image, per in [(64, 64, 8), (128, 128, 4)]:
+        model = resnet_like(width=width, blocks=6).cuda()
+        parallel = nn.DataParallel(model, device_ids=device_ids)
+        x = torch.randn(per * len(device_ids), 3, image, image, device="cuda")
+        step = _cuda_step(parallel, x)
+        medians = interleaved_medians({"unsynchronized": step, "synchronized": step}, repeats,
+                                      scopes={"synchronized": autosyncbn.patched})
+        ratio = medians["synchronized"] / medians["unsynchronized"]
+        key = f"{width}ch {image}px x{per}"
+        rows[key] = {"medians_s": medians, "ratio": ratio, "device_ids": device_ids}
+        print(f"  DataParallel {device_ids} {key}: unsynchronized {medians['unsynchronized'] * 1e3:7.2f} ms"
+              f"   synchronized {medians['synchronized'] * 1e3:7.2f} ms   ratio {ratio:.3f}x")
+    return rows
+
+
+def _rank(rank: int, world: int, init_file: str, repeats: int, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    ours = nn.parallel.DistributedDataParallel(autosyncbn.convert_model(resnet_like(64, 6)).cuda())
+    theirs = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(resnet_like(64, 6)).cuda())
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    times: dict = {"autosyncbn": [], "nn.SyncBatchNorm": []}
+    for round_ in range(repeats + 2):
+        for name, model in (("autosyncbn", ours), ("nn.SyncBatchNorm", theirs)):
+            dist.barrier()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            torch.cuda.synchronize()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    if rank == 0:
+        queue.put({name: statistics.median(values) for name, values in times.items()})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def two_processes(repeats: int) -> dict:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    with tempfile.TemporaryDirectory() as folder:
+        processes = [context.Process(target=_rank, args=(r, 2, os.path.join(folder, "rdv"), repeats, queue))
+                     for r in range(2)]
+        for process in processes:
+            process.start()
+        try:
+            medians = queue.get(timeout=300)
+        finally:
+            for process in processes:
+                process.join(60)
+                if process.is_alive():
+                    process.kill()
+    ratio = medians["autosyncbn"] / medians["nn.SyncBatchNorm"]
+    print(f"  2 processes on one GPU over gloo: nn.SyncBatchNorm {medians['nn.SyncBatchNorm'] * 1e3:7.2f} ms"
+          f"   autosyncbn {medians['autosyncbn'] * 1e3:7.2f} ms   ratio {ratio:.3f}x")
+    return {"medians_s": medians, "ratio": ratio}
+
+
+def main(repeats: int = 20) -> dict:
+    if not torch.cuda.is_available():
+        print("GPU benchmark: no CUDA device here; skipped (figures unmeasured)")
+        return {"skipped": "no CUDA device"}
+    print(f"GPU benchmark on {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
+    result = {"data_parallel": data_parallel(repeats)}
+    try:
+        result["two_processes"] = two_processes(repeats)
+    except Exception as error:  # report, keep the DataParallel figures
+        print(f"  2 processes on one GPU: failed: {type(error).__name__}: {error}")
+        result["two_processes"] = {"error": f"{type(error).__name__}: {error}"}
+    write_json("gpu", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
