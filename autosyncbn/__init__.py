@@ -3,6 +3,8 @@
 >>> import autosyncbn
 >>> autosyncbn.install()   # every nn.DataParallel now synchronizes BatchNorm statistics
 """
+from .compat import patch_sync_batchnorm
+from .eps_mode import get_sbn_eps_mode, set_sbn_eps_mode
 from .errors import (
     CheckpointRecomputeError,
     PeerFailedError,
@@ -36,11 +38,14 @@ __all__ = [
     "SynchronizedBatchNorm3d",
     "convert_model",
     "exclude",
+    "get_sbn_eps_mode",
     "include",
     "install",
     "is_installed",
     "patch_replication_callback",
+    "patch_sync_batchnorm",
     "patched",
     "revert_model",
+    "set_sbn_eps_mode",
     "uninstall",
 ]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .eps_mode import variance_for_normalization
 from .errors import ReplicaMismatchError
 from .functional import normalize_backward, normalize_with_stats
 from .moments import (
@@ -200,13 +201,17 @@ class _DistributedBatchNorm(torch.autograd.Function):
         acc = accumulation_dtype(input.dtype)
         global_mean = merged_mean.to(acc)
         global_var = (merged_m2 / total).to(acc)
-        ctx.eps, ctx.group, ctx.total = eps, group, total
+        normalizing_var, normalizing_eps = variance_for_normalization(global_var, eps)
+        ctx.eps, ctx.group, ctx.total = normalizing_eps, group, total
+        # Under the 'clamp' eps mode, a clamped channel's scale no longer depends on var.
+        ctx.var_is_live = normalizing_var == global_var if normalizing_eps == 0.0 else None
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(input, weight, global_mean, global_var)
+        ctx.save_for_backward(input, weight, global_mean, normalizing_var)
         ctx.mark_non_differentiable(global_mean, global_var)
         total_out.append(total)
-        return normalize_with_stats(input, weight, bias, global_mean, global_var, eps), global_mean, global_var
+        output = normalize_with_stats(input, weight, bias, global_mean, normalizing_var, normalizing_eps)
+        return output, global_mean, global_var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -225,6 +230,8 @@ class _DistributedBatchNorm(torch.autograd.Function):
             scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) = partial + a + b * x
             slope = -scale * invstd * mean_dy_xhat
+            if ctx.var_is_live is not None:
+                slope = slope * ctx.var_is_live
             offset = -scale * mean_dy - slope * mean
             shape = channel_view_shape(input)
             grad_input = torch.addcmul(grad_partial, input, slope.view(shape))

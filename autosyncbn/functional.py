@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .eps_mode import variance_for_normalization
 from .moments import (
-    accumulation_dtype,
     channel_view_shape,
     local_mean_var,
     reduction_dims,
@@ -129,8 +129,8 @@ def _chan_merge(weights: Tensor, means: Sequence[Tensor], variances: Sequence[Te
     the parts' dtype, so the merge adds no error of its own.
     """
     dtype = means[0].dtype
-    stacked_means = torch.stack([m.to(device, torch.float64) for m in means])
-    stacked_vars = torch.stack([v.to(device, torch.float64) for v in variances])
+    stacked_means = torch.stack([m.to(device) for m in means]).double()
+    stacked_vars = torch.stack([v.to(device) for v in variances]).double()
     column = weights.squeeze(1).double()
     mean = torch.mv(stacked_means.t(), column)
     deviation = stacked_means - mean
@@ -222,8 +222,8 @@ class _NormalizeWithStats(torch.autograd.Function):
             grad_input, sum_dy_xhat, sum_dy = normalize_backward(
                 grad_output, input, weight, mean, var, ctx.eps, need_input
             )
-        grad_mean = scale * sum_dy * -1.0 if need_mean else None
-        grad_var = scale * invstd * sum_dy_xhat * -0.5 if need_var else None
+        grad_mean = (scale * sum_dy).neg() if need_mean else None
+        grad_var = torch.mul(scale * invstd, sum_dy_xhat).mul(-0.5) if need_var else None
         grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight and ctx.weight_dtype else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype else None
         return grad_input, grad_mean, grad_var, grad_weight, grad_bias, None, None
@@ -243,7 +243,8 @@ def sync_batch_norm(
     """
     input_view, mean, var = _LocalMoments.apply(input)
     global_mean, global_var, total = exchange(values_per_channel(input), mean, var)
+    normalizing_var, normalizing_eps = variance_for_normalization(global_var, eps)
     output = _NormalizeWithStats.apply(
-        input_view, global_mean, global_var, weight, bias, eps, mean.grad_fn
+        input_view, global_mean, normalizing_var, weight, bias, normalizing_eps, mean.grad_fn
     )
     return output, global_mean, global_var, total

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from .errors import (

@@ -6,9 +6,8 @@ synchronized context they *are* PyTorch's BatchNorm (``super().forward``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -130,7 +129,7 @@ def _rebuild(layer: _BatchNorm, cls: type) -> _BatchNorm:
 M = TypeVar("M", bound=nn.Module)
 
 
-def _convert_children(module: nn.Module, convert: "callable") -> None:
+def _convert_children(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> None:
     for name, child in list(module._modules.items()):
         if child is not None:
             module._modules[name] = convert(child)

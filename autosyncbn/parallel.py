@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 import wrapt
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import wrapt
@@ -21,7 +21,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import process_group_handle
-from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward, uses_batch_statistics
+from .forward import (
+    EXCLUDED_ATTRIBUTE,
+    SYNC_ATTRIBUTE,
+    sync_handle,
+    synchronized_forward,
+    uses_batch_statistics,
+)
 from .group import DEFAULT_TIMEOUT, ReplicaGroup
 from .modules import is_synchronized_class
 from .parallel import LayerFilter, prepare_replicas
@@ -64,8 +70,13 @@ def _prepare(replicas: list) -> None:
         _live_groups.add(group)
 
 
-def _wrap_replicate_method(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """``nn.DataParallel.replicate``: attach a sync group to the replicas it returns."""
+def _wrap_replicate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``replicate``: attach a sync group to the replicas it returns.
+
+    Wraps both ``nn.DataParallel.replicate`` and the module-level ``replicate``
+    that it (and the functional ``data_parallel()``) calls; the thread-local
+    flag keeps the hook from running twice for one forward.
+    """
     if getattr(_replicating, "active", False):
         return wrapped(*args, **kwargs)
     _replicating.active = True
@@ -77,20 +88,13 @@ def _wrap_replicate_method(wrapped: Callable, instance: Any, args: tuple, kwargs
     return replicas
 
 
-def _wrap_replicate_function(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """The ``replicate`` that ``torch.nn.parallel.data_parallel()`` calls; same hook.
-
-    ``nn.DataParallel.replicate`` calls it too; the thread-local flag set by
-    the method wrapper keeps the hook from running twice.
-    """
-    return _wrap_replicate_method(wrapped, instance, args, kwargs)
-
-
 def _wrap_batchnorm_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """``_BatchNorm.forward``: synchronize when this layer has a handle, else PyTorch's own path."""
+    options = _options
+    if SYNC_ATTRIBUTE not in instance.__dict__ and (options is None or not options.distributed):
+        return wrapped(*args, **kwargs)  # the fast path: outside every replica
     handle = sync_handle(instance)
     if handle is None:
-        options = _options
         if (
             options is None
             or not options.distributed
@@ -108,8 +112,8 @@ def _wrap_batchnorm_forward(wrapped: Callable, instance: Any, args: tuple, kwarg
 def _patch_table() -> list[_Patch]:
     data_parallel_module = sys.modules["torch.nn.parallel.data_parallel"]
     return [
-        _Patch(nn.DataParallel, "replicate", _wrap_replicate_method),
-        _Patch(data_parallel_module, "replicate", _wrap_replicate_function),
+        _Patch(nn.DataParallel, "replicate", _wrap_replicate),
+        _Patch(data_parallel_module, "replicate", _wrap_replicate),
         _Patch(_BatchNorm, "forward", _wrap_batchnorm_forward),
     ]
 

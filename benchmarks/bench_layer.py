@@ -29,7 +29,7 @@ def main(repeats: int = 30, replicas: int = 2) -> dict:
         x = torch.randn(*shape, requires_grad=True)
         grad = torch.randn(*shape)
 
-        def step() -> None:
+        def step(parallel=parallel, x=x, grad=grad) -> None:
             x.grad = None
             parallel(x).backward(grad)
 

@@ -15,6 +15,9 @@ _PATCHED = [
     (sys.modules["torch.nn.parallel.data_parallel"], "replicate"),
     (_BatchNorm, "forward"),
     (sys.modules["torch.nn.parallel.replicate"], "_broadcast_coalesced_reshape"),
+    *[(namespace, name) for namespace in (nn, sys.modules["torch.nn.modules"],
+                                          sys.modules["torch.nn.modules.batchnorm"])
+      for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")],
 ]
 
 
@@ -31,9 +34,10 @@ def pristine_patches():
     assert _snapshot() == PRISTINE and not autosyncbn.is_installed(), "a patch leaked in"
     torch.manual_seed(0)
     yield
-    leaked = autosyncbn.is_installed() or _snapshot() != PRISTINE
+    leaked = autosyncbn.is_installed() or _snapshot() != PRISTINE or autosyncbn.get_sbn_eps_mode() != "plus"
     autosyncbn.uninstall()
-    assert not leaked, "this test left autosyncbn patches installed"
+    autosyncbn.set_sbn_eps_mode("plus")
+    assert not leaked, "this test left autosyncbn patches installed (or the eps mode changed)"
 
 
 @pytest.fixture

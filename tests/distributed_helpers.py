@@ -6,7 +6,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 
 import torch
 import torch.distributed as dist

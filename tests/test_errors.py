@@ -124,9 +124,9 @@ def test_whole_batch_with_one_value_per_channel_raises_pytorch_error():
 
 
 def test_one_value_per_channel_over_replicas_is_pytorch_error_too():
-    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
-    contribution = autosyncbn.group._Contribution("bn", 3, 1, torch.zeros(3), torch.zeros(3))
     import threading
+
+    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
 
     errors = []
 

@@ -33,10 +33,10 @@ def test_converted_model_synchronizes_without_install(rank):
     model = convert_model(ConvBlock(rank))
     assert isinstance(model.bn1, SynchronizedBatchNorm1d if rank < 4 else (SynchronizedBatchNorm2d if rank == 4 else SynchronizedBatchNorm3d))
     inputs = [input_of_rank(rank, 10).requires_grad_() for _ in range(3)]
-    for out, ref_out, x, x_ref, model, reference in train_side_by_side(model, inputs, 4, wrap=explicit_parallel):
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(model, inputs, 4, wrap=explicit_parallel):
         assert_close_to_scale(out, ref_out, what="output")
         assert_close_to_scale(x.grad, x_ref.grad, what="input grad")
-        assert_models_match(model, reference)
+        assert_models_match(trained, reference)
     assert not autosyncbn.is_installed()
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import copy
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel

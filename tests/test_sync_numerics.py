@@ -20,10 +20,10 @@ pytestmark = pytest.mark.usefixtures("installed")
 def test_training_steps_match_whole_batch(rank, num_replicas, batch):
     model = ConvBlock(rank)
     inputs = [input_of_rank(rank, batch).requires_grad_() for _ in range(3)]
-    for out, ref_out, x, x_ref, model, reference in train_side_by_side(model, inputs, num_replicas):
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(model, inputs, num_replicas):
         assert_close_to_scale(out, ref_out, what='output')
         assert_close_to_scale(x.grad, x_ref.grad, what='input grad')
-        assert_models_match(model, reference)
+        assert_models_match(trained, reference)
 
 
 @pytest.mark.parametrize(
@@ -40,10 +40,10 @@ def test_training_steps_match_whole_batch(rank, num_replicas, batch):
 def test_every_batchnorm_option(options):
     model = ConvBlock(4, **options)
     inputs = [input_of_rank(4, 7).requires_grad_() for _ in range(4)]
-    for out, ref_out, x, x_ref, model, reference in train_side_by_side(model, inputs, 3):
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(model, inputs, 3):
         assert_close_to_scale(out, ref_out, what='output')
         assert_close_to_scale(x.grad, x_ref.grad, what='input grad')
-        assert_models_match(model, reference)
+        assert_models_match(trained, reference)
 
 
 def test_parameters_match_after_sgd_loop():
@@ -54,10 +54,10 @@ def test_parameters_match_after_sgd_loop():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4),
     )
     inputs = [torch.randn(8, 3, 6, 6) for _ in range(6)]
-    for *_, model, reference in train_side_by_side(model, inputs, 4):
+    for *_, trained, reference in train_side_by_side(model, inputs, 4):
         pass
-    assert_models_match(model, reference, rel=1e-4)
-    assert model[1].num_batches_tracked.item() == 6
+    assert_models_match(trained, reference, rel=1e-4)
+    assert trained[1].num_batches_tracked.item() == 6
 
 
 def test_channels_last_input():
@@ -66,20 +66,20 @@ def test_channels_last_input():
     model.bn1 = nn.BatchNorm2d(3)
     model.bn2 = nn.BatchNorm2d(3)
     inputs = [input_of_rank(4, 8).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(2)]
-    for out, ref_out, x, x_ref, model, reference in train_side_by_side(model, inputs, 4):
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(model, inputs, 4):
         assert_close_to_scale(out, ref_out, what='output')
         assert_close_to_scale(x.grad, x_ref.grad, what='input grad')
-        assert_models_match(model, reference)
+        assert_models_match(trained, reference)
 
 
 def test_float64():
     model = ConvBlock(3).double()
     inputs = [input_of_rank(3, 9).double().requires_grad_() for _ in range(3)]
-    for out, ref_out, x, x_ref, model, reference in train_side_by_side(model, inputs, 4):
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(model, inputs, 4):
         assert out.dtype == torch.float64
         assert_close_to_scale(out, ref_out, 1e-10, "output")
         assert_close_to_scale(x.grad, x_ref.grad, 1e-10, "input grad")
-        assert_models_match(model, reference, rel=1e-10)
+        assert_models_match(trained, reference, rel=1e-10)
 
 
 def test_bfloat16_autocast_accumulates_in_float32():
@@ -115,11 +115,11 @@ class CallsTwice(nn.Module):
 
 def test_layer_called_twice_per_forward():
     inputs = [torch.randn(10, 4).requires_grad_() for _ in range(3)]
-    for out, ref_out, x, x_ref, model, reference in train_side_by_side(CallsTwice(), inputs, 4):
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(CallsTwice(), inputs, 4):
         assert_close_to_scale(out, ref_out, what='output')
         assert_close_to_scale(x.grad, x_ref.grad, what='input grad')
-        assert_models_match(model, reference)
-    assert model.bn.num_batches_tracked.item() == 6
+        assert_models_match(trained, reference)
+    assert trained.bn.num_batches_tracked.item() == 6
 
 
 def test_no_grad_training_mode_still_synchronizes():
@@ -169,9 +169,9 @@ def test_slice_with_one_value_per_channel_is_fine():
     # 5 samples on 4 replicas: chunk sizes 2, 2, 1 (three replicas) -> the last slice
     # holds one value per channel; the whole batch holds five.
     inputs = [torch.randn(5, 4).requires_grad_() for _ in range(2)]
-    for out, ref_out, x, x_ref, model, reference in train_side_by_side(CallsTwice(), inputs, 4):
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(CallsTwice(), inputs, 4):
         assert_close_to_scale(out, ref_out, what='output')
-        assert_models_match(model, reference)
+        assert_models_match(trained, reference)
 
 
 def test_numerically_hard_input_stays_within_twice_pytorch_error():

@@ -1,0 +1,30 @@
+"""How ``eps`` enters synchronized normalization: PyTorch's ``var + eps`` or the classic clamp."""
+from __future__ import annotations
+
+from torch import Tensor
+
+_EPS_MODES = ("plus", "clamp")
+_eps_mode = "plus"
+
+
+def set_sbn_eps_mode(mode: str) -> None:
+    """Choose ``'plus'`` (the default, PyTorch's rule: ``x_hat = (x - mean) / sqrt(var + eps)``)
+    or ``'clamp'`` (the classic ``sync_batchnorm`` rule: ``/ sqrt(max(var, eps))``).
+
+    Applies to synchronized calls; unsynchronized ones are PyTorch's own.
+    """
+    global _eps_mode
+    if mode not in _EPS_MODES:
+        raise ValueError(f"set_sbn_eps_mode expects one of {_EPS_MODES}, got {mode!r}")
+    _eps_mode = mode
+
+
+def get_sbn_eps_mode() -> str:
+    return _eps_mode
+
+
+def variance_for_normalization(var: Tensor, eps: float) -> tuple[Tensor, float]:
+    """(variance, eps) to hand to a ``var + eps`` kernel under the current mode."""
+    if _eps_mode == "clamp":
+        return var.clamp(min=eps), 0.0
+    return var, eps
