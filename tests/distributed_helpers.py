@@ -1,4 +1,4 @@
-"""Run a function in N real processes over gloo, with a deadline and clean-up."""
+"""Run a function in N real processes (gloo, or NCCL with GPUs), with a deadline and clean-up."""
 from __future__ import annotations
 
 import datetime
@@ -13,10 +13,12 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, world_size: int, init_file: str, fn, args, pg_timeout: float,
-           leave_together: bool) -> None:
+           leave_together: bool, backend: str) -> None:
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=pg_timeout),
     )
     fn(rank, world_size, *args)
@@ -32,12 +34,13 @@ def _entry(rank: int, world_size: int, init_file: str, fn, args, pg_timeout: flo
 
 
 def run_ranks(fn, world_size: int, *args, deadline: float = 90.0, pg_timeout: float = 30.0,
-              leave_together: bool = True) -> None:
+              leave_together: bool = True, backend: str = "gloo") -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; re-raise any failure."""
     with tempfile.TemporaryDirectory() as folder:
         init_file = os.path.join(folder, "rendezvous")
         context = mp.start_processes(
-            _entry, args=(world_size, init_file, fn, args, pg_timeout, leave_together), nprocs=world_size,
+            _entry, args=(world_size, init_file, fn, args, pg_timeout, leave_together, backend),
+            nprocs=world_size,
             join=False, start_method="spawn",
         )
         end = time.monotonic() + deadline

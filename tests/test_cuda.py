@@ -60,3 +60,12 @@ def test_half_precision_autocast_on_cuda():
     assert out.dtype == ref_out.dtype
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var, atol=1e-3, rtol=1e-3)
+
+
+def test_inputs_on_mismatched_devices_raise_like_pytorch():
+    layer = nn.BatchNorm2d(4).cuda()
+    x = torch.randn(4, 4, 3, 3)  # on the CPU
+    with pytest.raises(RuntimeError):
+        layer(x)
+    with autosyncbn.patched(), pytest.raises(RuntimeError):
+        layer(x)

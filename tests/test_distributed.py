@@ -175,3 +175,34 @@ def test_sync_batchnorm_interop_keeps_state_dicts():
         assert converted.state_dict().keys() == state.keys()
         for key, value in converted.state_dict().items():
             assert torch.equal(value, state[key]), key
+
+
+def worker_nccl(rank, world):
+    device = torch.device("cuda", rank)
+    torch.manual_seed(0)
+    base = ConvBlock(4).to(device)
+    reference = copy.deepcopy(base)
+    model = autosyncbn.convert_model(base)
+    for step, x_all in enumerate(_global_inputs(2, 8, 4)):
+        x_all = x_all.to(device).requires_grad_()
+        ref_out = reference(x_all)
+        target_all = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(step)).to(device)
+        loss_of(ref_out, target_all).backward()
+        x = x_all.detach().chunk(world)[rank].clone().requires_grad_()
+        target = target_all.chunk(world)[rank]
+        out = model(x)
+        ((out * target).sum() + (out - target).square().sum() / ref_out.numel()).backward()
+        assert_close_to_scale(out, ref_out.detach().chunk(world)[rank], 1e-4, "output")
+        assert_close_to_scale(x.grad, x_all.grad.chunk(world)[rank], 1e-4, "input grad")
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        assert_models_match(model, reference, rel=1e-4)
+        model.zero_grad()
+        reference.zero_grad()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL needs two CUDA devices")
+def test_nccl_ranks_match_one_process():
+    run_ranks(worker_nccl, 2, backend="nccl")

@@ -184,3 +184,13 @@ def test_numerically_hard_input_stays_within_twice_pytorch_error():
     ours = EmulatedDataParallel(layer, 4)(x)
     our_error = (ours.double() - exact).abs().max().item()
     assert our_error <= 2 * pytorch_error + 1e-7, (our_error, pytorch_error)
+
+
+def test_lazy_batchnorm_once_materialized():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d())
+    model(torch.randn(4, 3))  # materializes: the layer becomes a BatchNorm1d
+    inputs = [torch.randn(9, 3).requires_grad_() for _ in range(2)]
+    for out, ref_out, x, x_ref, trained, reference in train_side_by_side(model, inputs, 3):
+        assert_close_to_scale(out, ref_out, what="output")
+        assert_close_to_scale(x.grad, x_ref.grad, what="input grad")
+        assert_models_match(trained, reference)
