@@ -33,9 +33,10 @@ _emulating = threading.local()
 def _cpu_broadcast(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """``_broadcast_coalesced_reshape`` for CPU "devices", in emulating threads only.
 
-    Replica 0 gets the source tensors themselves (as a real broadcast does for
-    the source device); the others get copies. Without ``detach`` the copies
-    stay in the autograd graph, so gradients flow back to the parameters.
+    With ``detach`` (buffers), replica 0 gets the source tensors themselves, as
+    a real broadcast does for the source device, and the others get copies.
+    Without it (parameters), every replica gets a copy that stays in the
+    autograd graph, so gradients flow back to the parameters.
     """
     if not getattr(_emulating, "active", False):
         return wrapped(*args, **kwargs)
@@ -43,17 +44,38 @@ def _cpu_broadcast(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
     def broadcast(tensors: Sequence[torch.Tensor], devices: Sequence[Any], detach: bool = False) -> list:
         if not tensors:
             return []
-        copies = []
-        for index in range(len(devices)):
-            if index == 0:
-                copies.append([t if detach else t.view_as(t) for t in tensors])
-            elif detach:
-                copies.append([t.detach().clone() for t in tensors])
-            else:
-                copies.append([t.clone() for t in tensors])
-        return copies
+        if detach:
+            return [list(tensors)] + [[t.detach().clone() for t in tensors] for _ in devices[1:]]
+        flat = _BroadcastOnCpu.apply(len(devices), *tensors)
+        return [list(flat[i:i + len(tensors)]) for i in range(0, len(flat), len(tensors))]
 
     return broadcast(*args, **kwargs)
+
+
+class _BroadcastOnCpu(torch.autograd.Function):
+    """CPU twin of DataParallel's ``Broadcast``: copies forward, sums in replica order backward.
+
+    One node for all replicas, like ``Broadcast``/``ReduceAddCoalesced``, so
+    parameter gradients are summed in a fixed order whatever order the replica
+    threads ran in: emulated training is reproducible run to run.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, replicas: int, *tensors: torch.Tensor) -> tuple:
+        ctx.count = len(tensors)
+        return tuple(t.clone() for _ in range(replicas) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:
+        count = ctx.count
+        sums = []
+        for index in range(count):
+            total = None
+            for grad in grads[index::count]:
+                if grad is not None:
+                    total = grad.clone() if total is None else total.add_(grad)
+            sums.append(total)
+        return (None, *sums)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ def test_demo_with_small_settings(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "final test accuracy" in printed and "after the first step" in printed
     history = json.loads((tmp_path / "history.json").read_text())
+    assert "round-off alone" in printed and len(history["baseline_logit_difference"]) == 1
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     # One step in, the synchronized model is the reference model up to float32 round-off.
     assert history["first_step_logit_difference"] < 1e-4

@@ -62,3 +62,26 @@ def test_exceptions_in_a_replica_reach_the_caller():
 
     with pytest.raises(KeyError, match="only the small slice fails"):
         EmulatedDataParallel(Fails(), 4)(torch.ones(10, 1))
+
+
+def test_emulated_training_is_reproducible_run_to_run(installed):
+    """Gradients of the replicas are summed in replica order, whatever the threads did."""
+    import copy
+
+    from helpers import ConvBlock, input_of_rank
+
+    torch.manual_seed(0)
+    initial = ConvBlock(4)
+    inputs = [input_of_rank(4, 10) for _ in range(5)]
+    finals = []
+    for _ in range(2):
+        model = copy.deepcopy(initial)
+        parallel = EmulatedDataParallel(model, 4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x in inputs:
+            optimizer.zero_grad()
+            parallel(x).mul(torch.arange(5.0).view(1, 5, 1, 1)).square().sum().backward()
+            optimizer.step()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)
