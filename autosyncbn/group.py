@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import Tensor
@@ -53,7 +53,6 @@ class _ReplicaState:
     started: bool = False
     done: bool = False
     error: Optional[BaseException] = None
-    layers: list = field(default_factory=list)
 
 
 def _describe(error: BaseException) -> str:
@@ -101,7 +100,6 @@ class ReplicaGroup:
             )
         call = state.calls
         state.calls += 1
-        state.layers.append(layer)
         return call
 
     def exchange(self, replica: int, call: int, contribution: _Contribution) -> tuple[Tensor, Tensor, int]:
@@ -136,8 +134,9 @@ class ReplicaGroup:
                 raise SyncTimeoutError(
                     f"replica {replica} waited {self.timeout:g}s at BatchNorm call {call} "
                     f"(layer '{layer}'), but replicas {missing} never reached that call "
-                    f"(BatchNorm calls made so far: {made}). Raise the timeout with "
-                    f"autosyncbn.install(timeout=...) if a replica is legitimately slow."
+                    f"(BatchNorm calls made so far: {made}). If a replica is legitimately "
+                    f"slow, raise the timeout: install(timeout=...) or "
+                    f"DataParallelWithCallback(..., timeout=...)."
                 )
             self._cond.wait(remaining)
 

@@ -126,6 +126,8 @@ class DataParallelWithCallback(nn.DataParallel):
         device_ids (list of int or torch.device): CUDA devices (default: all)
         output_device (int or torch.device): where the output goes (default: device_ids[0])
         dim (int): the dimension along which inputs are scattered (default: 0)
+        timeout (float): seconds a replica waits for its peers at one BatchNorm
+            call (keyword only; default 300)
 
     Examples::
 
@@ -133,27 +135,28 @@ class DataParallelWithCallback(nn.DataParallel):
         >>> model = DataParallelWithCallback(model, device_ids=[0, 1])
     """
 
+    def __init__(self, module: nn.Module, device_ids: Optional[Sequence[Any]] = None,
+                 output_device: Any = None, dim: int = 0, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(module, device_ids, output_device, dim)
+        self.sync_timeout = timeout
+
     def replicate(self, module: nn.Module, device_ids: Sequence[Any]) -> list:
         replicas = super().replicate(module, device_ids)
-        prepare_replicas(replicas, include_plain=False)
+        prepare_replicas(replicas, include_plain=False,
+                         timeout=getattr(self, "sync_timeout", DEFAULT_TIMEOUT))
         return replicas
-
-
-def _replicate_with_callbacks(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    replicas = wrapped(*args, **kwargs)
-    prepare_replicas(replicas, include_plain=False)
-    return replicas
 
 
 class _ReplicationCallbackPatch(wrapt.FunctionWrapper):
     """Marks a ``replicate`` already patched, so patching twice is a no-op."""
 
 
-def patch_replication_callback(data_parallel: nn.DataParallel) -> None:
+def patch_replication_callback(data_parallel: nn.DataParallel, *, timeout: float = DEFAULT_TIMEOUT) -> None:
     """Make an existing ``nn.DataParallel`` instance synchronize ``SynchronizedBatchNorm*`` layers.
 
     The instance's ``replicate`` is wrapped (the class is untouched). Calling
-    it again on the same instance does nothing.
+    it again on the same instance does nothing. ``timeout`` (keyword only) is
+    how long a replica waits for its peers at one BatchNorm call.
 
     Examples::
 
@@ -166,5 +169,11 @@ def patch_replication_callback(data_parallel: nn.DataParallel) -> None:
         )
     if isinstance(data_parallel.__dict__.get("replicate"), _ReplicationCallbackPatch):
         return
-    patched = _ReplicationCallbackPatch(data_parallel.replicate, _replicate_with_callbacks)
+
+    def replicate_with_callbacks(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        replicas = wrapped(*args, **kwargs)
+        prepare_replicas(replicas, include_plain=False, timeout=timeout)
+        return replicas
+
+    patched = _ReplicationCallbackPatch(data_parallel.replicate, replicate_with_callbacks)
     object.__setattr__(data_parallel, "replicate", patched)

@@ -156,3 +156,4 @@ def test_bad_input_raises_what_pytorch_raises(bad_input, error):
         layer(bad_input.clone())  # PyTorch's own error type, outside DataParallel
     with pytest.raises(error):
         EmulatedDataParallel(layer, 2)(bad_input)
+

@@ -159,3 +159,14 @@ def test_state_dict_roundtrip_between_plain_and_synchronized():
     fresh.load_state_dict(converted.state_dict())
     for a, b in zip(fresh.state_dict().values(), plain.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_explicit_api_timeout_is_configurable():
+    from autosyncbn.testing import _cpu_replication
+
+    parallel = EmulatedDataParallel(convert_model(nn.Sequential(nn.BatchNorm1d(3))), 2)
+    patch_replication_callback(parallel, timeout=7.5)
+    with _cpu_replication():
+        replicas = parallel.replicate(parallel.module, [0, 1])
+    assert replicas[0].__dict__["_autosyncbn_group"].timeout == 7.5
+    assert DataParallelWithCallback(nn.Linear(2, 2), timeout=3.0).sync_timeout == 3.0

@@ -24,7 +24,12 @@ def test_classic_names_and_signatures():
     assert (layer.num_features, layer.eps, layer.momentum, layer.affine) == (8, 1e-3, 0.2, False)
     parameters = list(inspect.signature(autosyncbn.DataParallelWithCallback).parameters)
     assert parameters[:4] == ["module", "device_ids", "output_device", "dim"]
-    assert list(inspect.signature(autosyncbn.patch_replication_callback).parameters) == ["data_parallel"]
+    assert list(inspect.signature(autosyncbn.patch_replication_callback).parameters)[0] == "data_parallel"
+    # Anything added is keyword-only, so classic positional calls mean the same.
+    for function in (autosyncbn.DataParallelWithCallback, autosyncbn.patch_replication_callback):
+        extra = [p for p in inspect.signature(function).parameters.values()
+                 if p.name not in ("module", "device_ids", "output_device", "dim", "data_parallel")]
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
     assert list(inspect.signature(autosyncbn.convert_model).parameters)[0] == "module"
 
 
