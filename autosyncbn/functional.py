@@ -19,6 +19,7 @@ double backward (gradient penalties) works.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -74,68 +75,68 @@ class _MergeMoments(torch.autograd.Function):
 
     Chan's parallel merge with weights w_i = n_i / N, done once per call as one
     autograd node: ``mean = sum w_i mean_i``, ``var = sum w_i var_i + sum w_i
-    (mean_i - mean)^2``. Backward sums the gradients that all replicas' copies
-    received and hands each replica its share: ``d mean/d mean_i = w_i``,
-    ``d var/d mean_i = 2 w_i (mean_i - mean)``, ``d var/d var_i = w_i``.
+    (mean_i - mean)^2``. Backward sums the gradients that all replicas' outputs received and hands
+    each replica its share: ``d mean/d mean_i = w_i``, ``d var/d mean_i =
+    2 w_i (mean_i - mean)``, ``d var/d var_i = w_i``.
     """
 
     @staticmethod
-    def forward(ctx: Any, counts: Sequence[int], *moments: Tensor) -> tuple[Tensor, ...]:
-        replicas = len(counts)
-        means, variances = moments[:replicas], moments[replicas:]
-        device = means[0].device
-        weights = _count_weights(counts, means[0])
-        mean, var, deviation = _chan_merge(weights, means, variances, device)
-        ctx.weights = weights
-        ctx.deviation = deviation  # per-channel vectors, used when not differentiating backward
-        ctx.save_for_backward(*means, *variances)
-        outputs = []
-        for index, replica_mean in enumerate(means):
-            # Distinct tensors per replica, each on that replica's device.
-            copy = index > 0 or replica_mean.device != device
-            outputs += [mean.to(replica_mean.device, copy=copy), var.to(replica_mean.device, copy=copy)]
-        return tuple(outputs)
+    def forward(ctx: Any, counts: tuple[int, ...], *moments: Tensor) -> tuple[Tensor, ...]:
+        device, dtype = moments[0].device, moments[0].dtype
+        weights = _count_weights(counts, device)
+        mean, var, _ = _chan_merge(weights, moments, device)
+        mean, var = mean.to(dtype), var.to(dtype)
+        ctx.counts = counts
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*moments)
+        # A distinct tensor per replica: each receives its own gradient, and backward
+        # sums them in replica order, so results do not depend on thread timing.
+        return tuple(
+            t.to(m.device, copy=index > 0)
+            for index, m in enumerate(moments[:len(counts)])
+            for t in (mean, var)
+        )
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        saved = ctx.saved_tensors
-        means = saved[: len(saved) // 2]
-        device = means[0].device
-        weights, deviation = ctx.weights, ctx.deviation
-        if torch.is_grad_enabled():  # create_graph: recompute from the saved inputs, differentiably
-            _, _, deviation = _chan_merge(weights, means, saved[len(saved) // 2:], device)
-        grad_mean = _sum_on(device, grads[0::2], means[0])
-        grad_var = _sum_on(device, grads[1::2], means[0])
-        grad_means = torch.addcmul(grad_mean, deviation, grad_var, value=2.0) * weights
-        grad_variances = grad_var * weights
+        moments = ctx.saved_tensors
+        replicas = len(ctx.counts)
+        device, dtype = moments[0].device, moments[0].dtype
+        weights = _count_weights(ctx.counts, device)
+        # Recomputed from the saved inputs, so double backward differentiates it too.
+        _, _, deviation = _chan_merge(weights, moments, device)
+        grad_mean = _sum_on(device, grads[0::2], moments[0])
+        grad_var = _sum_on(device, grads[1::2], moments[0])
+        column = weights.unsqueeze(1)
+        grad_means = (torch.addcmul(grad_mean, deviation, grad_var, value=2.0) * column).to(dtype)
+        grad_variances = (grad_var * column).to(dtype)
         return (
             None,
-            *[grad_means[i].to(m.device) for i, m in enumerate(means)],
-            *[grad_variances[i].to(m.device) for i, m in enumerate(means)],
+            *[grad_means[i].to(m.device) for i, m in enumerate(moments[:replicas])],
+            *[grad_variances[i].to(m.device) for i, m in enumerate(moments[:replicas])],
         )
 
 
-def _count_weights(counts: Sequence[int], like: Tensor) -> Tensor:
-    """(replicas, 1) tensor of n_i / N."""
+@functools.lru_cache(maxsize=64)
+def _count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """n_i / N in float64 (cached: a forward's calls usually share one split)."""
     total = float(sum(counts)) or 1.0  # all-empty: zeros, and the caller raises
-    return torch.tensor([[n / total] for n in counts], dtype=like.dtype, device=like.device)
+    return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
 
 
-def _chan_merge(weights: Tensor, means: Sequence[Tensor], variances: Sequence[Tensor],
-                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, var, mean_i - mean) from per-part means and biased variances, all on ``device``.
+def _chan_merge(weights: Tensor, moments: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, var, mean_i - mean) from per-part means then biased variances, in float64.
 
-    Computed in float64 (per-channel vectors: the cost is nil) and returned in
-    the parts' dtype, so the merge adds no error of its own.
+    Per-channel vectors only, so float64 costs nothing and the merge adds no
+    error of its own.
     """
-    dtype = means[0].dtype
-    stacked_means = torch.stack([m.to(device) for m in means]).double()
-    stacked_vars = torch.stack([v.to(device) for v in variances]).double()
-    column = weights.squeeze(1).double()
-    mean = torch.mv(stacked_means.t(), column)
-    deviation = stacked_means - mean
-    var = torch.addmv(torch.mv(stacked_vars.t(), column), deviation.square().t(), column)
-    return mean.to(dtype), var.to(dtype), deviation.to(dtype)
+    replicas = weights.numel()
+    stacked = torch.stack([m.to(device) for m in moments]).double()
+    means, variances = stacked[:replicas], stacked[replicas:]
+    mean = torch.mv(means.t(), weights)
+    deviation = means - mean
+    var = torch.addmv(torch.mv(variances.t(), weights), deviation.square().t(), weights)
+    return mean, var, deviation
 
 
 def _sum_on(device: torch.device, grads: Sequence[Optional[Tensor]], like: Tensor) -> Tensor:

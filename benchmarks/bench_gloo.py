@@ -7,6 +7,7 @@ the same processes. Target: <= 1.25x. Writes results/gloo.json.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import statistics
 import sys
@@ -49,6 +50,8 @@ def _rank(rank: int, world: int, init_file: str, repeats: int, queue) -> None:
                 times[name].append(elapsed)
     if rank == 0:
         queue.put({name: statistics.median(values) for name, values in times.items()})
+    del models
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

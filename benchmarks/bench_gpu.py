@@ -9,6 +9,7 @@ Prepared to fit one 10-minute device call. Writes results/gpu.json.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import statistics
 import sys
@@ -75,6 +76,8 @@ def _rank(rank: int, world: int, init_file: str, repeats: int, queue) -> None:
                 times[name].append(time.perf_counter() - start)
     if rank == 0:
         queue.put({name: statistics.median(values) for name, values in times.items()})
+    del ours, theirs
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

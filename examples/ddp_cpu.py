@@ -6,6 +6,7 @@ torch.nn.SyncBatchNorm refuses CPU tensors; autosyncbn's layers synchronize
 over any process group. Each rank holds 2 samples; BatchNorm sees all 4.
 """
 import copy
+import gc
 import os
 
 import torch
@@ -15,9 +16,8 @@ from torch import nn
 import autosyncbn
 
 
-def main() -> None:
-    dist.init_process_group("gloo")  # torchrun provides rank, world size and address
-    rank, world = dist.get_rank(), dist.get_world_size()
+def train(rank: int, world: int) -> float:
+    """Three DDP steps; returns |running_mean - one process with the global batch|."""
     torch.manual_seed(0)  # the same initial weights on every rank
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -44,10 +44,18 @@ def main() -> None:
         ref_optimizer.step()
         if rank == 0:
             print(f"step {step}: loss on rank 0 {loss.item():.4f}")
+    return (ddp.module[1].running_mean - reference[1].running_mean).abs().max().item()
 
-    gap = (ddp.module[1].running_mean - reference[1].running_mean).abs().max().item()
+
+def main() -> None:
+    dist.init_process_group("gloo")  # torchrun provides rank, world size and address
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gap = train(rank, world)  # DDP is gone once this returns: nothing holds the group any more
     if rank == 0:
         print(f"{world} ranks x 2 samples: |running_mean - one process with the global batch| = {gap:.2e}")
+    # Free what still refers to the group (autograd graphs, DDP's reducer) before tearing
+    # it down; gloo can abort a process whose work objects outlive destroy_process_group.
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

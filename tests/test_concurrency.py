@@ -76,6 +76,7 @@ def test_patches_toggled_while_another_thread_trains():
     worker = threading.Thread(target=train)
     worker.start()
     try:
+        pause = threading.Event()
         for i in range(150):
             if i % 3 == 0:
                 autosyncbn.install()
@@ -83,11 +84,12 @@ def test_patches_toggled_while_another_thread_trains():
             elif i % 3 == 1:
                 with autosyncbn.patched():
                     with autosyncbn.patched(timeout=30):
-                        pass
+                        pause.wait(0.002)
             else:
                 autosyncbn.install()
-                threading.Event().wait(0.002)
+                pause.wait(0.002)
                 autosyncbn.uninstall()
+            pause.wait(0.002)  # some forwards run uninstalled, too
     finally:
         stop.set()
         worker.join(30)
