@@ -21,7 +21,7 @@ import wrapt
 from torch import nn
 from torch._utils import ExceptionWrapper
 
-__all__ = ["EmulatedDataParallel", "cpu_replicate", "split_like_data_parallel"]
+__all__ = ["EmulatedDataParallel", "cpu_replicate", "emulated_data_parallel", "split_like_data_parallel"]
 
 _replicate_module = sys.modules["torch.nn.parallel.replicate"]
 _seam_lock = threading.Lock()
@@ -191,6 +191,19 @@ class EmulatedDataParallel(nn.DataParallel):
 
     def gather(self, outputs: Sequence[Any], output_device: Any) -> Any:
         return _gather(outputs, self.dim)
+
+
+def emulated_data_parallel(module: nn.Module, inputs: Any, num_replicas: int = 2, dim: int = 0,
+                           module_kwargs: Any = None) -> Any:
+    """Functional form, like ``torch.nn.parallel.data_parallel``: ``module(inputs)`` on CPU replicas.
+
+    Examples::
+
+        >>> out = emulated_data_parallel(model, x, num_replicas=4)
+    """
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,) if inputs is not None else ()
+    return EmulatedDataParallel(module, num_replicas, dim)(*inputs, **(module_kwargs or {}))
 
 
 def _parallel_apply_on_cpu(replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Sequence[dict]) -> list:

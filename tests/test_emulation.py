@@ -85,3 +85,12 @@ def test_emulated_training_is_reproducible_run_to_run(installed):
         finals.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*finals):
         assert torch.equal(a, b)
+
+
+def test_functional_form_matches_the_module_form():
+    from autosyncbn.testing import emulated_data_parallel
+
+    log: list = []
+    model = Recorder(log)
+    out = emulated_data_parallel(model, torch.ones(6, 2), num_replicas=3, module_kwargs={"scale": 3.0})
+    assert torch.equal(out, torch.full((6, 2), 3.0)) and len(log) == 3
