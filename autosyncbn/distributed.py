@@ -4,7 +4,7 @@ Works on every backend PyTorch's collectives support: gloo on CPU (where
 ``torch.nn.SyncBatchNorm`` refuses to run) and NCCL on GPU.
 
 Forward makes one all-gather of a fixed-size record per rank: a header (call
-number, channel count, value count, layer fingerprint) and the (mean, M2) of
+number, channel count, value count, layer fingerprint) and the (mean, var) of
 the first 512 channels, zero-padded. The size never depends on the layer, so
 ranks that disagree raise the same clear error instead of mixing statistics
 or aborting gloo on a size mismatch; layers wider than 512 channels gather
@@ -30,10 +30,10 @@ from .eps_mode import variance_for_normalization
 from .errors import ReplicaMismatchError
 from .functional import normalize_backward, normalize_with_stats
 from .moments import (
-    accumulation_dtype,
+    chan_merge,
     channel_view_shape,
+    count_weights,
     local_mean_var,
-    merge_moments,
     values_per_channel,
 )
 
@@ -154,24 +154,24 @@ def _check_headers(headers: Tensor, group: Any, layer: str) -> list[int]:
     return [row[2] for row in rows]
 
 
-def _gather_moments(header: list[int], mean: Tensor, m2: Tensor, group: Any,
+def _gather_moments(header: list[int], mean: Tensor, var: Tensor, group: Any,
                     layer: str) -> tuple[list[int], Tensor, Tensor]:
-    """Every rank's (count, mean, M2), checked: one collective for up to 512 channels."""
+    """Every rank's (count, mean, var), checked: one collective for up to 512 channels."""
     channels = mean.numel()
     first = min(channels, FIRST_CHANNELS)
     record = torch.zeros(HEADER + 2 * FIRST_CHANNELS, dtype=torch.float64, device=mean.device)
     record[:HEADER] = torch.tensor(header, dtype=torch.float64)
     record[HEADER:HEADER + first] = mean[:first]
-    record[HEADER + FIRST_CHANNELS:HEADER + FIRST_CHANNELS + first] = m2[:first]
+    record[HEADER + FIRST_CHANNELS:HEADER + FIRST_CHANNELS + first] = var[:first]
     gathered = _gather(record, group)
     counts = _check_headers(gathered[:, :HEADER], group, layer)
     means = gathered[:, HEADER:HEADER + first]
-    m2s = gathered[:, HEADER + FIRST_CHANNELS:HEADER + FIRST_CHANNELS + first]
+    variances = gathered[:, HEADER + FIRST_CHANNELS:HEADER + FIRST_CHANNELS + first]
     if channels > first:  # the headers agree, so every rank sends the same size
-        rest = _gather(torch.cat([mean[first:], m2[first:]]).to(torch.float64), group)
+        rest = _gather(torch.cat([mean[first:], var[first:]]).to(torch.float64), group)
         means = torch.cat([means, rest[:, :channels - first]], dim=1)
-        m2s = torch.cat([m2s, rest[:, channels - first:]], dim=1)
-    return counts, means, m2s
+        variances = torch.cat([variances, rest[:, channels - first:]], dim=1)
+    return counts, means, variances
 
 
 def _sum_over_ranks(tensor: Tensor, group: Any) -> Tensor:
@@ -195,12 +195,10 @@ class _DistributedBatchNorm(torch.autograd.Function):
         count = values_per_channel(input)
         header = [_next_call(group), channels, count, _fingerprint(layer)]
         mean, var = local_mean_var(input)
-        counts, means, m2s = _gather_moments(header, mean, var * count, group, layer)
+        counts, means, variances = _gather_moments(header, mean, var, group, layer)
         total = sum(counts)
-        merged_mean, merged_m2 = merge_moments(counts, list(means), list(m2s))
-        acc = accumulation_dtype(input.dtype)
-        global_mean = merged_mean.to(acc)
-        global_var = (merged_m2 / total).to(acc)
+        merged_mean, merged_var, _ = chan_merge(count_weights(tuple(counts), input.device), means, variances)
+        global_mean, global_var = merged_mean.to(mean.dtype), merged_var.to(mean.dtype)
         normalizing_var, normalizing_eps = variance_for_normalization(global_var, eps)
         ctx.eps, ctx.group, ctx.total = normalizing_eps, group, total
         # Under the 'clamp' eps mode, a clamped channel's scale no longer depends on var.

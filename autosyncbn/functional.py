@@ -19,7 +19,6 @@ double backward (gradient penalties) works.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -27,7 +26,9 @@ from torch import Tensor
 
 from .eps_mode import variance_for_normalization
 from .moments import (
+    chan_merge,
     channel_view_shape,
+    count_weights,
     local_mean_var,
     reduction_dims,
     values_per_channel,
@@ -83,8 +84,7 @@ class _MergeMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, counts: tuple[int, ...], *moments: Tensor) -> tuple[Tensor, ...]:
         device, dtype = moments[0].device, moments[0].dtype
-        weights = _count_weights(counts, device)
-        mean, var, _ = _chan_merge(weights, moments, device)
+        mean, var, _ = _stacked_merge(counts, moments, device)
         mean, var = mean.to(dtype), var.to(dtype)
         ctx.counts = counts
         ctx.set_materialize_grads(False)
@@ -102,12 +102,11 @@ class _MergeMoments(torch.autograd.Function):
         moments = ctx.saved_tensors
         replicas = len(ctx.counts)
         device, dtype = moments[0].device, moments[0].dtype
-        weights = _count_weights(ctx.counts, device)
         # Recomputed from the saved inputs, so double backward differentiates it too.
-        _, _, deviation = _chan_merge(weights, moments, device)
+        _, _, deviation = _stacked_merge(ctx.counts, moments, device)
         grad_mean = _sum_on(device, grads[0::2], moments[0])
         grad_var = _sum_on(device, grads[1::2], moments[0])
-        column = weights.unsqueeze(1)
+        column = count_weights(ctx.counts, device).unsqueeze(1)
         grad_means = (torch.addcmul(grad_mean, deviation, grad_var, value=2.0) * column).to(dtype)
         grad_variances = (grad_var * column).to(dtype)
         return (
@@ -117,26 +116,16 @@ class _MergeMoments(torch.autograd.Function):
         )
 
 
-@functools.lru_cache(maxsize=64)
-def _count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
-    """n_i / N in float64 (cached: a forward's calls usually share one split)."""
-    total = float(sum(counts)) or 1.0  # all-empty: zeros, and the caller raises
-    return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
-
-
-def _chan_merge(weights: Tensor, moments: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, var, mean_i - mean) from per-part means then biased variances, in float64.
+def _stacked_merge(counts: tuple[int, ...], moments: Sequence[Tensor],
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's merge of (means..., variances...) gathered on ``device``, in float64.
 
     Per-channel vectors only, so float64 costs nothing and the merge adds no
     error of its own.
     """
-    replicas = weights.numel()
     stacked = torch.stack([m.to(device) for m in moments]).double()
-    means, variances = stacked[:replicas], stacked[replicas:]
-    mean = torch.mv(means.t(), weights)
-    deviation = means - mean
-    var = torch.addmv(torch.mv(variances.t(), weights), deviation.square().t(), weights)
-    return mean, var, deviation
+    replicas = len(counts)
+    return chan_merge(count_weights(counts, device), stacked[:replicas], stacked[replicas:])
 
 
 def _sum_on(device: torch.device, grads: Sequence[Optional[Tensor]], like: Tensor) -> Tensor:

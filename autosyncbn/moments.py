@@ -5,7 +5,7 @@ threads, process groups) shares one definition of "the statistics".
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
 
 import torch
 from torch import Tensor
@@ -56,25 +56,26 @@ def local_mean_var(input: Tensor) -> tuple[Tensor, Tensor]:
     return torch.batch_norm_update_stats(input, None, None, 0.0)
 
 
-def merge_moments(
-    counts: Sequence[int], means: Sequence[Tensor], m2s: Sequence[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Chan's parallel merge of per-part (count, mean, M2) into the global mean and M2.
-
-    ``M2 = sum(M2_i) + sum(n_i * (mean_i - mean)^2)``: no large sums are
-    subtracted, so inputs with a large mean and a small spread keep their
-    precision. Differentiable: gradients reach every part's mean and M2.
-    All tensors must be on one device.
-    """
+@functools.lru_cache(maxsize=64)
+def count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """n_i / N in float64, one per part (cached: a forward's calls usually share one split)."""
     total = float(sum(counts)) or 1.0  # all-empty: zeros, and the caller raises
-    weights = torch.tensor(
-        [float(n) for n in counts], dtype=means[0].dtype, device=means[0].device
-    ).unsqueeze(1)
-    stacked_means = torch.stack(list(means))
-    mean = (weights * stacked_means).sum(0) / total
-    spread = weights * (stacked_means - mean).square()
-    m2 = torch.stack(list(m2s)).sum(0) + spread.sum(0)
-    return mean, m2
+    return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
+
+
+def chan_merge(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's parallel merge of per-part moments into the whole batch's.
+
+    With weights w_i = n_i / N and each part's mean and biased variance (rows
+    of ``means`` and ``variances``): ``mean = sum w_i mean_i`` and ``var =
+    sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums are subtracted,
+    so inputs with a large mean and a small spread keep their precision.
+    Returns (mean, var, mean_i - mean); differentiable.
+    """
+    mean = torch.mv(means.t(), weights)
+    deviation = means - mean
+    var = torch.addmv(torch.mv(variances.t(), weights), deviation.square().t(), weights)
+    return mean, var, deviation
 
 
 def running_stats_factor(layer: torch.nn.modules.batchnorm._BatchNorm) -> float:
