@@ -171,3 +171,14 @@ def test_exclude_predicate_and_marker_leave_layers_per_slice():
         torch.testing.assert_close(out, per_slice)
     autosyncbn.include(model)
     assert "_autosyncbn_excluded" not in model.bn1.__dict__
+
+
+def test_distributed_option_without_a_process_group_is_pytorch_bit_for_bit():
+    torch.manual_seed(0)
+    layer = nn.BatchNorm2d(3)
+    twin = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    with autosyncbn.patched(distributed=True):
+        out = layer(x)
+    assert torch.equal(out, twin(x))
+    assert torch.equal(layer.running_var, twin.running_var)
