@@ -13,6 +13,7 @@ from typing import Any, Optional, Protocol
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import process_group_handle
 from .moments import running_stats_factor, update_running_stats
 
 SYNC_ATTRIBUTE = "_autosyncbn_sync"
@@ -34,12 +35,19 @@ def uses_batch_statistics(layer: _BatchNorm) -> bool:
     return layer.training or (layer.running_mean is None and layer.running_var is None)
 
 
-def sync_handle(layer: _BatchNorm) -> Optional[Any]:
-    """The layer's handle when it must synchronize now, else None (PyTorch's own path)."""
-    handle = layer.__dict__.get(SYNC_ATTRIBUTE)
-    if handle is None or not uses_batch_statistics(layer):
+def active_handle(layer: _BatchNorm, process_groups: bool, process_group: Any = None) -> Optional[Any]:
+    """What this call synchronizes with, or None for PyTorch's own path.
+
+    The replica's handle when the layer is in a DataParallel replica; else,
+    when ``process_groups`` allows it and the layer is not excluded, the
+    process group's (None unless ``torch.distributed`` runs 2+ ranks there).
+    """
+    if not uses_batch_statistics(layer):
         return None
-    return handle
+    handle = layer.__dict__.get(SYNC_ATTRIBUTE)
+    if handle is not None or not process_groups or layer.__dict__.get(EXCLUDED_ATTRIBUTE, False):
+        return handle
+    return process_group_handle(layer, process_group)
 
 
 def _check_channels(layer: _BatchNorm, input: Tensor) -> None:

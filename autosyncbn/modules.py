@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional, TypeVar
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import process_group_handle, record_name
-from .forward import EXCLUDED_ATTRIBUTE, sync_handle, synchronized_forward, uses_batch_statistics
+from .distributed import record_name
+from .forward import EXCLUDED_ATTRIBUTE, active_handle, synchronized_forward
 
 
 class _SynchronizedBatchNormMixin:
@@ -29,10 +29,7 @@ class _SynchronizedBatchNormMixin:
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
-        handle = sync_handle(self)  # type: ignore[arg-type]
-        if (handle is None and uses_batch_statistics(self)  # type: ignore[arg-type]
-                and not self.__dict__.get(EXCLUDED_ATTRIBUTE, False)):  # type: ignore[attr-defined]
-            handle = process_group_handle(self, self.process_group)  # type: ignore[arg-type]
+        handle = active_handle(self, True, self.process_group)  # type: ignore[arg-type]
         if handle is None:
             return super().forward(input)  # type: ignore[misc]
         return synchronized_forward(self, input, handle)  # type: ignore[arg-type]

@@ -94,8 +94,7 @@ def prepare_replicas(
         return None
     execute_replication_callbacks(replicas)
     group = ReplicaGroup(len(replicas), timeout)
-    for replica in replicas:
-        object.__setattr__(replica, GROUP_ATTRIBUTE, group)
+    object.__setattr__(replicas[0], GROUP_ATTRIBUTE, group)  # marks these replicas as prepared
     if len(replicas) < 2:
         return None
     synchronized_any = False

@@ -20,14 +20,7 @@ import wrapt
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import process_group_handle
-from .forward import (
-    EXCLUDED_ATTRIBUTE,
-    SYNC_ATTRIBUTE,
-    sync_handle,
-    synchronized_forward,
-    uses_batch_statistics,
-)
+from .forward import SYNC_ATTRIBUTE, active_handle, synchronized_forward
 from .group import DEFAULT_TIMEOUT, ReplicaGroup
 from .modules import is_synchronized_class
 from .parallel import LayerFilter, prepare_replicas
@@ -93,19 +86,12 @@ def _wrap_batchnorm_forward(wrapped: Callable, instance: Any, args: tuple, kwarg
     options = _options
     if SYNC_ATTRIBUTE not in instance.__dict__ and (options is None or not options.distributed):
         return wrapped(*args, **kwargs)  # the fast path: outside every replica
-    handle = sync_handle(instance)
+    # A SynchronizedBatchNorm*d reaches here only after deciding, with its own
+    # process group, not to synchronize; plain layers follow install()'s options.
+    process_groups = options is not None and options.distributed and not is_synchronized_class(instance)
+    handle = active_handle(instance, process_groups, options.process_group if options else None)
     if handle is None:
-        if (
-            options is None
-            or not options.distributed
-            or not uses_batch_statistics(instance)
-            or instance.__dict__.get(EXCLUDED_ATTRIBUTE, False)
-            or is_synchronized_class(instance)  # it decided for itself already
-        ):
-            return wrapped(*args, **kwargs)
-        handle = process_group_handle(instance, options.process_group)
-        if handle is None:
-            return wrapped(*args, **kwargs)
+        return wrapped(*args, **kwargs)
     return synchronized_forward(instance, *args, handle=handle, **kwargs)
 
 

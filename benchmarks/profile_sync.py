@@ -7,8 +7,9 @@
 2. Emulated DataParallel, 4 replicas, the "small" CNN: forward and backward
    times, synchronized vs not, and per synchronized call the arrival skew
    between first and last replica, the merge, and the wake-up of the last waiter.
-3. gloo, 2 processes: latency of the all-gather when idle, and the share of a
-   synchronized step spent inside the collectives.
+3. gloo, 2 processes: latency of the all-gather when idle, all-gather + sum
+   vs all-reduce for backward's reduction, and the share of a synchronized
+   step spent inside the collectives.
 Writes results/profile.json.
 """
 from __future__ import annotations
@@ -132,6 +133,10 @@ def _gloo_rank(rank: int, world: int, init_file: str, queue) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     record = torch.ones(4 + 2 * process_groups.FIRST_CHANNELS, dtype=torch.float64)
     idle = _per_call_us(lambda: process_groups._gather(record, None), repeats=200)
+    # Backward reduces 2C values: all-gather + local sum vs all-reduce (C = 32).
+    sums = torch.ones(64)
+    idle_gather_sums = _per_call_us(lambda: process_groups._gather(sums, None).sum(0), repeats=200)
+    idle_all_reduce = _per_call_us(lambda: dist.all_reduce(sums.clone()), repeats=200)
     spent = {"seconds": 0.0}
     gather = process_groups._gather
 
@@ -155,7 +160,8 @@ def _gloo_rank(rank: int, world: int, init_file: str, queue) -> None:
             inside.append(spent["seconds"])
     process_groups._gather = gather
     if rank == 0:
-        queue.put({"idle_gather_us": idle, "step_ms": statistics.median(steps) * 1e3,
+        queue.put({"idle_gather_us": idle, "idle_gather_and_sum_64_us": idle_gather_sums,
+                   "idle_all_reduce_64_us": idle_all_reduce, "step_ms": statistics.median(steps) * 1e3,
                    "inside_collectives_ms": statistics.median(inside) * 1e3, "collectives_per_step": 26})
     del model
     dist.barrier()
@@ -177,6 +183,8 @@ def gloo() -> dict:
     print(f"   all-gather of one record when idle {figures['idle_gather_us']:.0f} us; in a step of"
           f" {figures['step_ms']:.1f} ms, {figures['inside_collectives_ms']:.1f} ms inside the collectives"
           f" ({figures['inside_collectives_ms'] / 26 * 1e3:.0f} us each)")
+    print(f"   backward's reduction of 64 values when idle: all-gather + sum"
+          f" {figures['idle_gather_and_sum_64_us']:.0f} us, all-reduce {figures['idle_all_reduce_64_us']:.0f} us")
     return figures
 
 
