@@ -1,8 +1,10 @@
-"""Exceptions raised when replicas or ranks cannot be synchronized.
+"""Exceptions and warnings raised when replicas or ranks cannot be synchronized.
 
 Every message says what was expected and what was found, and names the
-layer, the replica (or rank) and the BatchNorm call number (counted from 0
-within one forward pass).
+layer (its qualified name), the replica or rank, and the synchronized call
+number. Replica calls are counted from 0 within one DataParallel forward;
+process-group calls are counted from 0 per process group over the life of
+the process (forward calls; a backward carries the number of its forward).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ class SyncBatchNormError(RuntimeError):
 
 
 class ReplicaMismatchError(SyncBatchNormError):
-    """Replicas (or ranks) disagree: a different layer, channel count or number of calls."""
+    """Replicas (or ranks) disagree: a different layer, channel count, number of calls or direction."""
 
 
 class PeerFailedError(SyncBatchNormError):
@@ -28,4 +30,13 @@ class CheckpointRecomputeError(SyncBatchNormError):
 
     ``torch.utils.checkpoint`` recomputes the forward during backward, one
     replica at a time, so the replicas can never meet again.
+    """
+
+
+class UnsynchronizedBatchNormWarning(UserWarning):
+    """A BatchNorm layer in a DataParallel replica normalized per slice although autosyncbn is installed.
+
+    Raised once per layer, with the reason: its replica was not prepared by
+    autosyncbn, or its statistics never passed through
+    ``torch.nn.functional.batch_norm``. Layers excluded on purpose never warn.
     """

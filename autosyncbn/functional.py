@@ -1,25 +1,34 @@
-"""Autograd Functions for synchronized BatchNorm across replica threads.
+"""Synchronized batch normalization: the autograd Functions and ``F.batch_norm``'s semantics.
 
-One synchronized layer call is three Functions, joined by the exchange in
-``group.py``::
+All BatchNorm math of autosyncbn lives here and in ``moments.py``; the two
+backends only move values (``group.py`` between replica threads,
+``distributed.py`` between processes). One synchronized call is::
 
-    replica i:  x --_LocalMoments--> (x view, mean_i, var_i)
-    once:       (n_i, mean_i, var_i for every i) --_MergeMoments--> (mean, var) on each replica's device
-    replica i:  (x view, mean, var, weight, bias) --_NormalizeWithStats--> y
+    each part:  x --_LocalMoments--> (x view, mean_i, var_i)
+    merge:      (n_i, mean_i, var_i of every part) --Chan--> (mean, var)
+    each part:  (x view, mean, var, weight, bias) --_NormalizeWithStats--> y
 
-The global ``mean``/``var`` are autograd-connected to every replica's
-``mean_i``/``var_i``, so backward reaches every slice with no barrier (a
-barrier in backward would deadlock on CPU, where autograd runs every replica's
-backward in one thread). The input is saved once, by ``_LocalMoments``;
-``_NormalizeWithStats`` borrows it, so a layer saves what ``nn.BatchNorm``
-saves: the input plus per-channel vectors. Each Function is one autograd node
-running PyTorch's fused BatchNorm kernels where they exist; with
-``create_graph=True`` the backward passes use differentiable ops instead, so
-double backward (gradient penalties) works.
+The merge is one of two autograd Functions, which share the forward
+(``moments.chan_merge``) and the chain rule (``moments.merge_gradients``):
+
+- ``_MergeReplicas``: every part lives in this process (DataParallel replica
+  threads). One node takes all replicas' moments and returns the merged
+  statistics to each, so backward sums their gradients with no barrier (a
+  barrier in backward would deadlock on CPU, where autograd runs every
+  replica's backward in one thread).
+- ``_MergeOverTransport``: the other parts live in other processes. Forward
+  gathers the moments through a transport; backward sums the 2C gradients of
+  the merged mean and variance through it (one collective), then applies the
+  same chain rule.
+
+The input is saved once, by ``_LocalMoments``; ``_NormalizeWithStats``
+borrows it, so a layer saves what ``nn.BatchNorm`` saves: the input plus
+per-channel vectors. With ``create_graph=True`` the backward passes use
+differentiable ops, so double backward (gradient penalties) works.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -30,14 +39,63 @@ from .moments import (
     channel_view_shape,
     count_weights,
     local_mean_var,
+    merge_gradients,
     reduction_dims,
+    update_running_stats,
     values_per_channel,
 )
 
-# (count, mean_i, var_i) of this replica -> (global mean, global biased var, global count)
 Exchange = Callable[[int, Tensor, Tensor], "tuple[Tensor, Tensor, int]"]
+"""``(count, mean_i, var_i)`` of this part -> merged ``(mean, biased var, total count)``,
+autograd-connected to every part's moments."""
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
+class MomentsTransport(Protocol):
+    """How per-part moments and their gradients travel between processes (one per call)."""
+
+    total: int
+    """The whole batch's value count per channel, known once :meth:`gather` ran."""
+
+    def gather(self, count: int, mean: Tensor, var: Tensor) -> "tuple[list[int], Tensor, Tensor, int]":
+        """Every part's count, means and variances (one row per part), and this part's row."""
+
+    def sum_gradients(self, grads: Tensor) -> Tensor:
+        """The (2, C) gradients of the merged (mean, var), summed over every part."""
+
+
+# -- argument checks: PyTorch's errors, raised before any peer is involved -----
+def check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor], bias: Optional[Tensor], momentum: Any, eps: float) -> None:
+    """Raise what ``F.batch_norm`` raises in training for these arguments, with its types."""
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{str(input.dtype)[6:].capitalize()}\'')
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}")
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    channels = input.shape[1]
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
+                         ("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+        if tensor.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found {name} on "
+                f"{tensor.device} and input on {input.device}"
+            )
+        if tensor.dtype != input.dtype and not (input.dtype in _HALF_TYPES and tensor.dtype == torch.float32):
+            raise RuntimeError(
+                f"mixed dtype: {name} is {tensor.dtype} but the input is {input.dtype}; "
+                f"PyTorch's BatchNorm needs them to match (float32 statistics are allowed "
+                f"only with a float16/bfloat16 input)"
+            )
+
+
+# -- local moments ---------------------------------------------------------------
 class _LocalMoments(torch.autograd.Function):
     """x -> (x, mean_i, var_i) of this slice; backward adds the statistics' share of dx."""
 
@@ -71,20 +129,21 @@ class _LocalMoments(torch.autograd.Function):
         return grad_input.addcmul_(input, slope.view(shape)).add_(offset.view(shape)).to(input.dtype)
 
 
-class _MergeMoments(torch.autograd.Function):
-    """Every replica's (mean_i, var_i) -> (mean, biased var) on every replica's device.
+# -- merges ----------------------------------------------------------------------
+def _stacked(moments: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Per-channel vectors stacked on ``device`` in float64: the merge adds no error of its own."""
+    return torch.stack([m.to(device) for m in moments]).double()
 
-    Chan's parallel merge with weights w_i = n_i / N, done once per call as one
-    autograd node: ``mean = sum w_i mean_i``, ``var = sum w_i var_i + sum w_i
-    (mean_i - mean)^2``. Backward sums the gradients that all replicas' outputs received and hands
-    each replica its share: ``d mean/d mean_i = w_i``, ``d var/d mean_i =
-    2 w_i (mean_i - mean)``, ``d var/d var_i = w_i``.
-    """
+
+class _MergeReplicas(torch.autograd.Function):
+    """Every replica's (mean_i, var_i) -> the merged (mean, var) on every replica's device."""
 
     @staticmethod
     def forward(ctx: Any, counts: tuple[int, ...], *moments: Tensor) -> tuple[Tensor, ...]:
         device, dtype = moments[0].device, moments[0].dtype
-        mean, var, _ = _stacked_merge(counts, moments, device)
+        replicas = len(counts)
+        stacked = _stacked(moments, device)
+        mean, var, _ = chan_merge(count_weights(counts, device), stacked[:replicas], stacked[replicas:])
         mean, var = mean.to(dtype), var.to(dtype)
         ctx.counts = counts
         ctx.set_materialize_grads(False)
@@ -93,7 +152,7 @@ class _MergeMoments(torch.autograd.Function):
         # sums them in replica order, so results do not depend on thread timing.
         return tuple(
             t.to(m.device, copy=index > 0)
-            for index, m in enumerate(moments[:len(counts)])
+            for index, m in enumerate(moments[:replicas])
             for t in (mean, var)
         )
 
@@ -103,47 +162,69 @@ class _MergeMoments(torch.autograd.Function):
         replicas = len(ctx.counts)
         device, dtype = moments[0].device, moments[0].dtype
         # Recomputed from the saved inputs, so double backward differentiates it too.
-        _, _, deviation = _stacked_merge(ctx.counts, moments, device)
-        grad_mean = _sum_on(device, grads[0::2], moments[0])
-        grad_var = _sum_on(device, grads[1::2], moments[0])
-        column = count_weights(ctx.counts, device).unsqueeze(1)
-        grad_means = (torch.addcmul(grad_mean, deviation, grad_var, value=2.0) * column).to(dtype)
-        grad_variances = (grad_var * column).to(dtype)
+        stacked = _stacked(moments, device)
+        weights = count_weights(ctx.counts, device)
+        _, _, deviation = chan_merge(weights, stacked[:replicas], stacked[replicas:])
+        grad_means, grad_variances = merge_gradients(
+            weights, deviation, _sum_on(device, grads[0::2], moments[0]), _sum_on(device, grads[1::2], moments[0])
+        )
         return (
             None,
-            *[grad_means[i].to(m.device) for i, m in enumerate(moments[:replicas])],
-            *[grad_variances[i].to(m.device) for i, m in enumerate(moments[:replicas])],
+            *[grad_means[i].to(dtype).to(m.device) for i, m in enumerate(moments[:replicas])],
+            *[grad_variances[i].to(dtype).to(m.device) for i, m in enumerate(moments[:replicas])],
         )
-
-
-def _stacked_merge(counts: tuple[int, ...], moments: Sequence[Tensor],
-                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Chan's merge of (means..., variances...) gathered on ``device``, in float64.
-
-    Per-channel vectors only, so float64 costs nothing and the merge adds no
-    error of its own.
-    """
-    stacked = torch.stack([m.to(device) for m in moments]).double()
-    replicas = len(counts)
-    return chan_merge(count_weights(counts, device), stacked[:replicas], stacked[replicas:])
 
 
 def _sum_on(device: torch.device, grads: Sequence[Optional[Tensor]], like: Tensor) -> Tensor:
     present = [g.to(device) for g in grads if g is not None]
     if not present:
-        return torch.zeros_like(like)
+        return torch.zeros_like(like, dtype=torch.float64)
     if len(present) == 1:
-        return present[0]
-    return torch.stack(present).sum(0)
+        return present[0].double()
+    return torch.stack(present).double().sum(0)
 
 
 def merge_replica_moments(counts: Sequence[int], means: Sequence[Tensor],
                           variances: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """Global (mean, biased var) for each replica, on its device, autograd-connected to all."""
-    outputs = _MergeMoments.apply(tuple(counts), *means, *variances)
+    """Merged (mean, biased var) for each replica, on its device, autograd-connected to all."""
+    outputs = _MergeReplicas.apply(tuple(counts), *means, *variances)
     return [(outputs[2 * i], outputs[2 * i + 1]) for i in range(len(counts))]
 
 
+class _MergeOverTransport(torch.autograd.Function):
+    """This process's (mean_i, var_i) -> the merged (mean, var), the other parts gathered by a transport."""
+
+    @staticmethod
+    def forward(ctx: Any, mean: Tensor, var: Tensor, count: int,
+                transport: MomentsTransport) -> tuple[Tensor, Tensor]:
+        counts, means, variances, row = transport.gather(count, mean, var)
+        weights = count_weights(tuple(counts), mean.device)
+        merged_mean, merged_var, deviation = chan_merge(weights, means.double(), variances.double())
+        ctx.transport = transport
+        ctx.save_for_backward(weights[row:row + 1], deviation[row:row + 1])
+        ctx.total = sum(counts)
+        return merged_mean.to(mean.dtype), merged_var.to(mean.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Optional[Tensor], ...]:
+        weight, deviation = ctx.saved_tensors
+        summed = ctx.transport.sum_gradients(torch.stack([grad_mean, grad_var]).double())
+        grad_means, grad_variances = merge_gradients(weight, deviation, summed[0], summed[1])
+        return grad_means[0].to(grad_mean.dtype), grad_variances[0].to(grad_var.dtype), None, None
+
+
+def merge_over(transport: MomentsTransport) -> Exchange:
+    """An exchange that merges this process's moments with those a transport gathers."""
+
+    def exchange(count: int, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, int]:
+        merged_mean, merged_var = _MergeOverTransport.apply(mean, var, count, transport)
+        return merged_mean, merged_var, transport.total  # type: ignore[attr-defined]
+
+    return exchange
+
+
+# -- normalization ---------------------------------------------------------------
 def _kernel_affine(param: Optional[Tensor], stats_dtype: torch.dtype) -> Optional[Tensor]:
     """PyTorch's mixed-precision BatchNorm kernels want float32 affine params with float32 stats."""
     if param is None or param.dtype == stats_dtype:
@@ -167,9 +248,12 @@ def normalize_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
         # PyTorch's kernel divides by the element count; an empty slice adds nothing.
         zeros = torch.zeros_like(mean)
         return (torch.zeros_like(input) if need_input else None), zeros, zeros.clone()
+    # Empty save_mean/save_invstd mean "eval mode: use the running statistics" to
+    # CUDA's kernel (as cuDNN's eval backward passes them); None trips its assert.
+    unused = mean.new_empty(0)
     return torch.ops.aten.native_batch_norm_backward(
         grad_output, input, _kernel_affine(weight, mean.dtype), mean, var,
-        None, None, False, eps, [need_input, True, True],
+        unused, unused, False, eps, [need_input, True, True],
     )
 
 
@@ -177,7 +261,7 @@ class _NormalizeWithStats(torch.autograd.Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with given statistics.
 
     Backward returns dy's direct share of dx plus the gradients of mean and var,
-    which autograd carries back through the merge to every replica.
+    which autograd carries back through the merge to every part.
     """
 
     @staticmethod
@@ -219,22 +303,40 @@ class _NormalizeWithStats(torch.autograd.Function):
         return grad_input, grad_mean, grad_var, grad_weight, grad_bias, None, None
 
 
-def sync_batch_norm(
-    input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    exchange: Exchange,
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Batch-normalize ``input`` with statistics merged across peers by ``exchange``.
+# -- the call --------------------------------------------------------------------
+def sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    exchange: Exchange) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Batch-normalize ``input`` with statistics merged across parts by ``exchange``.
 
-    Returns the output and the global mean, biased variance and value count
-    per channel (the caller updates running statistics from them).
+    Returns the output and the merged mean, biased variance and value count
+    per channel. Every part sees the same total, so a whole batch of one value
+    per channel raises PyTorch's ``ValueError`` in every part alike.
     """
     input_view, mean, var = _LocalMoments.apply(input)
     global_mean, global_var, total = exchange(values_per_channel(input), mean, var)
+    if total <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {total} value(s) per "
+            f"channel over the whole batch (input size of this part {list(input.shape)})"
+        )
     normalizing_var, normalizing_eps = variance_for_normalization(global_var, eps)
     output = _NormalizeWithStats.apply(
         input_view, global_mean, normalizing_var, weight, bias, normalizing_eps, mean.grad_fn
     )
     return output, global_mean, global_var, total
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor], bias: Optional[Tensor], momentum: float, eps: float,
+               exchange: Exchange, updates_running_stats: bool) -> Tensor:
+    """``F.batch_norm(..., training=True)`` with whole-batch statistics from ``exchange``.
+
+    The running statistics are the tensors passed, updated from the merged
+    statistics with the momentum passed (the unbiased variance), exactly as
+    the call would have on one device, by the part that owns them.
+    """
+    check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
+    output, mean, var, total = sync_batch_norm(input, weight, bias, eps, exchange)
+    if updates_running_stats:
+        update_running_stats(running_mean, running_var, mean, var, total, float(momentum))
+    return output

@@ -1,9 +1,10 @@
-"""The per-forward meeting point of the N replica threads of one DataParallel call.
+"""The meeting point of the N replica threads of one DataParallel forward (transport only).
 
-The replicate hook makes one ``ReplicaGroup`` per forward. The i-th
-synchronized BatchNorm call of every replica meets in slot i; the last replica
-to arrive checks that all agree (same layer, same channel count), merges the
-moments once, and hands each replica the global statistics on its own device.
+``replicas.py`` makes one ``ReplicaGroup`` per forward. The i-th synchronized
+call of every replica meets in slot i; the last replica to arrive checks that
+all agree (same layer, same channel count), merges the moments once (the
+math is ``functional.merge_replica_moments``), and hands each replica the
+merged statistics on its own device.
 
 Nothing waits forever: a waiting replica wakes when a peer raises, when a peer
 finishes its forward without reaching this call, or at the deadline.
@@ -17,17 +18,8 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from .errors import (
-    CheckpointRecomputeError,
-    PeerFailedError,
-    ReplicaMismatchError,
-    SyncBatchNormError,
-    SyncTimeoutError,
-)
-from .functional import merge_replica_moments, sync_batch_norm
-
-DEFAULT_TIMEOUT = 300.0
-"""Seconds a replica waits for its peers at one BatchNorm call before giving up."""
+from .errors import PeerFailedError, ReplicaMismatchError, SyncBatchNormError, SyncTimeoutError
+from .functional import Exchange, merge_replica_moments
 
 
 @dataclass
@@ -60,49 +52,50 @@ def _describe(error: BaseException) -> str:
 
 
 class ReplicaGroup:
-    """Matches the k-th synchronized BatchNorm call of every replica of one forward."""
+    """Matches the i-th synchronized batch-statistics call of every replica of one forward."""
 
-    def __init__(self, num_replicas: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, num_replicas: int, timeout: float) -> None:
         self.num_replicas = num_replicas
         self.timeout = timeout
         self._cond = threading.Condition()
         self._slots: dict[int, _Slot] = {}
         self._replicas = [_ReplicaState() for _ in range(num_replicas)]
 
-    # -- called by each replica's forward wrapper ---------------------------
+    # -- lifecycle, reported by each replica's call wrapper --------------------
     def replica_started(self, replica: int) -> None:
-        self._replicas[replica].started = True
+        with self._cond:
+            self._replicas[replica].started = True
 
     def replica_finished(self, replica: int, error: Optional[BaseException] = None) -> None:
-        """Mark a replica's forward as ended, so peers waiting for it wake up."""
+        """Mark a replica's call as ended, so peers waiting for it wake up at once."""
         with self._cond:
             state = self._replicas[replica]
             state.done = True
             state.error = error
             self._cond.notify_all()
 
-    @property
-    def in_flight(self) -> bool:
-        """True while some replica's forward has started and not every one has ended."""
-        states = self._replicas
-        return any(s.started for s in states) and not all(s.done for s in states)
+    def replica_done(self, replica: int) -> bool:
+        with self._cond:
+            return self._replicas[replica].done
 
-    # -- called by each synchronized layer ----------------------------------
-    def next_call(self, replica: int, layer: str) -> int:
-        state = self._replicas[replica]
-        if state.done:
-            raise CheckpointRecomputeError(
-                f"BatchNorm layer '{layer}' ran in replica {replica} after that replica's "
-                f"forward had ended. This happens when torch.utils.checkpoint recomputes a "
-                f"synchronized layer during backward: the replicas cannot meet again then. "
-                f"Keep synchronized BatchNorm outside checkpointed segments, or exclude the "
-                f"layer with autosyncbn.exclude()."
-            )
-        call = state.calls
-        state.calls += 1
-        return call
+    def calls_made(self, replica: int) -> int:
+        with self._cond:
+            return self._replicas[replica].calls
 
-    def exchange(self, replica: int, call: int, contribution: _Contribution) -> tuple[Tensor, Tensor, int]:
+    # -- called by each synchronized call ----------------------------------------
+    def exchange_for(self, replica: int, layer: str, channels: int) -> Exchange:
+        """The exchange of replica ``replica``'s next synchronized call (numbered from 0)."""
+        with self._cond:
+            state = self._replicas[replica]
+            call = state.calls
+            state.calls += 1
+
+        def exchange(count: int, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, int]:
+            return self._meet(replica, call, _Contribution(layer, channels, count, mean, var))
+
+        return exchange
+
+    def _meet(self, replica: int, call: int, contribution: _Contribution) -> tuple[Tensor, Tensor, int]:
         """Deposit this replica's moments for ``call``; return the merged statistics."""
         with self._cond:
             slot = self._slots.get(call)
@@ -119,9 +112,9 @@ class ReplicaGroup:
                 del self._slots[call]
             if slot.error is not None:
                 raise slot.error(replica)
-            return slot.results[replica]
+            return slot.results[replica]  # type: ignore[index]
 
-    # -- internals -----------------------------------------------------------
+    # -- internals -------------------------------------------------------------
     def _wait(self, replica: int, call: int, slot: _Slot) -> None:
         layer = slot.contributions[replica].layer
         deadline = time.monotonic() + self.timeout
@@ -138,7 +131,8 @@ class ReplicaGroup:
                     f"slow, raise the timeout: install(timeout=...) or "
                     f"DataParallelWithCallback(..., timeout=...)."
                 )
-            self._cond.wait(remaining)
+            # Short waits: a peer's failure always notifies, this only bounds the clock.
+            self._cond.wait(min(remaining, 1.0))
 
     def _raise_if_peer_cannot_come(self, replica: int, call: int, slot: _Slot, layer: str) -> None:
         for peer, state in enumerate(self._replicas):
@@ -161,14 +155,9 @@ class ReplicaGroup:
     def _complete(self, call: int, slot: _Slot) -> None:
         contributions: list[_Contribution] = slot.contributions
         first = contributions[0]
-        disagreeing = [
-            (i, c) for i, c in enumerate(contributions)
-            if c.layer != first.layer or c.channels != first.channels
-        ]
-        if disagreeing:
+        if any(c.layer != first.layer or c.channels != first.channels for c in contributions):
             detail = ", ".join(
-                f"replica {i}: '{c.layer}' with {c.channels} channels"
-                for i, c in enumerate(contributions)
+                f"replica {i}: '{c.layer}' with {c.channels} channels" for i, c in enumerate(contributions)
             )
             message = (
                 f"replicas disagree at BatchNorm call {call}: {detail}. Every replica must "
@@ -177,13 +166,6 @@ class ReplicaGroup:
             slot.error = lambda replica: ReplicaMismatchError(f"in replica {replica}: {message}")
             return
         total = sum(c.count for c in contributions)
-        if total <= 1:
-            size = [c.count for c in contributions]
-            slot.error = lambda replica: ValueError(
-                f"Expected more than 1 value per channel when training, got {total} value(s) "
-                f"per channel over all replicas (per replica: {size}) at layer '{first.layer}'"
-            )
-            return
         try:
             merged = merge_replica_moments(
                 [c.count for c in contributions],
@@ -197,29 +179,3 @@ class ReplicaGroup:
                 f"in replica {replica}: merging statistics at BatchNorm call {call} "
                 f"(layer '{first.layer}') failed: {_describe(failure)}"
             )
-
-
-@dataclass
-class ReplicaHandle:
-    """What one BatchNorm layer in replica ``replica`` needs to synchronize."""
-
-    group: ReplicaGroup
-    replica: int
-    layer: str
-
-    @property
-    def updates_running_stats(self) -> bool:
-        # Replica 0's buffers are the base module's own tensors (DataParallel
-        # broadcasts the source device's buffers as themselves).
-        return self.replica == 0
-
-    def batch_norm(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float) -> tuple[Tensor, Tensor, Tensor, int]:
-        call = self.group.next_call(self.replica, self.layer)
-        channels = input.shape[1]
-
-        def exchange(count: int, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, int]:
-            contribution = _Contribution(self.layer, channels, count, mean, var)
-            return self.group.exchange(self.replica, call, contribution)
-
-        return sync_batch_norm(input, weight, bias, eps, exchange)

@@ -1,25 +1,37 @@
-"""``SynchronizedBatchNorm1d/2d/3d``, ``convert_model``, ``revert_model`` and ``exclude``.
+"""``SynchronizedBatchNorm1d/2d/3d`` and ``SynchronizedBatchNorm``, ``convert_model``,
+``revert_model``, ``exclude`` and ``include``.
 
-The classes are subclasses of ``nn.BatchNorm1d/2d/3d``, so ``isinstance``
-checks, weight-init loops and ``state_dict`` keys keep working. Outside a
-synchronized context they *are* PyTorch's BatchNorm (``super().forward``).
+The classes are subclasses of ``nn.BatchNorm1d/2d/3d`` (``SynchronizedBatchNorm``,
+what ``nn.SyncBatchNorm`` converts to, takes any input rank), so ``isinstance``
+checks, weight-init loops and ``state_dict`` keys keep working. Their forward
+is ``_BatchNorm.forward``'s, with the statistics call handed to
+``dispatch.batch_norm`` as one of autosyncbn's own layers: outside a
+synchronized context it *is* PyTorch's BatchNorm, bit for bit. Under
+``torch.jit.script`` the forward is PyTorch's own (synchronization needs
+Python), so a converted model scripts as the plain one does.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import record_name
-from .forward import EXCLUDED_ATTRIBUTE, active_handle, synchronized_forward
+from . import dispatch
+from .context import EXCLUDED_ATTRIBUTE
+from .naming import record_name
+from .parallel import DataParallelWithCallback
 
 
 class _SynchronizedBatchNormMixin:
-    """Synchronize across DataParallel replicas (a handle is attached) or across the
-    process group (``torch.distributed`` is initialized) while training; else PyTorch's path."""
+    """Synchronize across DataParallel replicas (under the explicit API or ``install()``) or
+    across a process group while using batch statistics; else PyTorch's path."""
 
-    process_group: Any = None
+    # A process group is no TorchScript type; scripted layers never synchronize.
+    __jit_ignored_attributes__ = ["process_group"]
+    _autosyncbn_explicit = True  # replicas.py: a layer of the explicit API
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
@@ -29,10 +41,38 @@ class _SynchronizedBatchNormMixin:
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
-        handle = active_handle(self, True, self.process_group)  # type: ignore[arg-type]
-        if handle is None:
-            return super().forward(input)  # type: ignore[misc]
-        return synchronized_forward(self, input, handle)  # type: ignore[arg-type]
+        self._check_input_dim(input)  # type: ignore[attr-defined]
+        # _BatchNorm.forward's own preamble, so the statistics call gets exactly
+        # the arguments PyTorch would give F.batch_norm.
+        exponential_average_factor = 0.0
+        if self.momentum is not None:  # type: ignore[attr-defined]
+            exponential_average_factor = self.momentum  # type: ignore[attr-defined]
+        if self.training and self.track_running_stats:  # type: ignore[attr-defined]
+            if self.num_batches_tracked is not None:  # type: ignore[attr-defined]
+                self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
+                if self.momentum is None:  # type: ignore[attr-defined]  # cumulative moving average
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
+                else:
+                    exponential_average_factor = self.momentum  # type: ignore[attr-defined]
+        if self.training:  # type: ignore[attr-defined]
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)  # type: ignore[attr-defined]
+        tracked = not self.training or self.track_running_stats  # type: ignore[attr-defined]
+        running_mean = self.running_mean if tracked else None  # type: ignore[attr-defined]
+        running_var = self.running_var if tracked else None  # type: ignore[attr-defined]
+        if torch.jit.is_scripting():
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,  # type: ignore[attr-defined]
+                                bn_training, exponential_average_factor, self.eps)  # type: ignore[attr-defined]
+        return self._batch_norm(input, running_mean, running_var, bn_training, exponential_average_factor)
+
+    @torch.jit.unused
+    def _batch_norm(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    training: bool, momentum: float) -> Tensor:
+        return dispatch.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, training, momentum,  # type: ignore[attr-defined]
+            self.eps, owner=self, explicit=True, process_group=self.process_group,  # type: ignore[attr-defined, arg-type]
+        )
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNormMixin, nn.BatchNorm1d):
@@ -40,8 +80,9 @@ class SynchronizedBatchNorm1d(_SynchronizedBatchNormMixin, nn.BatchNorm1d):
 
     Same arguments, parameters, buffers and ``state_dict`` keys as
     :class:`torch.nn.BatchNorm1d`. Under :class:`DataParallelWithCallback`,
-    a patched ``nn.DataParallel`` or ``autosyncbn.install()``, training-mode
-    calls normalize with the mean and variance of the whole batch.
+    a patched ``nn.DataParallel``, ``autosyncbn.install()``, or a
+    ``torch.distributed`` process group of 2+ ranks, training-mode calls
+    normalize with the mean and variance of the whole batch.
 
     Args:
         num_features: :math:`C` from an expected input of size :math:`(N, C, L)` or :math:`(N, C)`
@@ -85,25 +126,42 @@ class SynchronizedBatchNorm3d(_SynchronizedBatchNormMixin, nn.BatchNorm3d):
     """
 
 
-_TO_SYNCHRONIZED = {
-    nn.BatchNorm1d: SynchronizedBatchNorm1d,
-    nn.BatchNorm2d: SynchronizedBatchNorm2d,
-    nn.BatchNorm3d: SynchronizedBatchNorm3d,
-}
-_TO_PLAIN = {sync: plain for plain, sync in _TO_SYNCHRONIZED.items()}
-
-
-def is_synchronized_class(layer: nn.Module) -> bool:
-    return isinstance(layer, _SynchronizedBatchNormMixin)
-
-
 class _BatchNormXd(_BatchNorm):
-    """Plain BatchNorm for any input rank: what ``revert_model`` makes of ``nn.SyncBatchNorm``,
-    whose input rank is not known until it runs."""
+    """Plain BatchNorm for any input rank >= 2, as ``nn.SyncBatchNorm`` accepts."""
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+class SynchronizedBatchNorm(_SynchronizedBatchNormMixin, _BatchNormXd):
+    r"""Synchronized BatchNorm for any input rank >= 2: what ``convert_model`` makes of ``nn.SyncBatchNorm``.
+
+    See :class:`SynchronizedBatchNorm1d`; arguments as :class:`torch.nn.SyncBatchNorm`.
+
+    Shape:
+        - Input: :math:`(N, C, +)`
+        - Output: same shape as input
+    """
+
+
+_TO_SYNCHRONIZED = {
+    nn.BatchNorm1d: SynchronizedBatchNorm1d,
+    nn.BatchNorm2d: SynchronizedBatchNorm2d,
+    nn.BatchNorm3d: SynchronizedBatchNorm3d,
+    nn.SyncBatchNorm: SynchronizedBatchNorm,
+}
+_TO_PLAIN = {
+    SynchronizedBatchNorm1d: nn.BatchNorm1d,
+    SynchronizedBatchNorm2d: nn.BatchNorm2d,
+    SynchronizedBatchNorm3d: nn.BatchNorm3d,
+    SynchronizedBatchNorm: _BatchNormXd,
+    nn.SyncBatchNorm: _BatchNormXd,
+}
+
+
+def is_synchronized_class(layer: nn.Module) -> bool:
+    return isinstance(layer, _SynchronizedBatchNormMixin)
 
 
 def _rebuild(layer: _BatchNorm, cls: type) -> _BatchNorm:
@@ -126,19 +184,39 @@ def _rebuild(layer: _BatchNorm, cls: type) -> _BatchNorm:
 M = TypeVar("M", bound=nn.Module)
 
 
+def _require_module(module: Any, function: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{function} expects an nn.Module, got {type(module).__name__}")
+
+
 def _convert_children(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> None:
     for name, child in list(module._modules.items()):
         if child is not None:
             module._modules[name] = convert(child)
 
 
+def _data_parallel_as(module: nn.DataParallel, cls: type, inner: nn.Module) -> nn.DataParallel:
+    """A ``cls`` around ``inner`` with ``module``'s devices (a device-less one stays device-less)."""
+    if not module.device_ids:
+        wrapped = cls.__new__(cls)
+        nn.Module.__init__(wrapped)
+        wrapped.module = inner
+        wrapped.device_ids = []
+        wrapped.training = module.training
+        return wrapped
+    return cls(inner, device_ids=module.device_ids, output_device=module.output_device, dim=module.dim)
+
+
 def convert_model(module: M, process_group: Any = None) -> M:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` (and ``nn.SyncBatchNorm``) by its synchronized twin.
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` by its synchronized twin.
 
     Options, the very same parameter and buffer objects (so ``requires_grad``,
-    device, dtype and optimizers carry over) and train/eval mode are kept. An
-    ``nn.DataParallel`` becomes a :class:`DataParallelWithCallback` with the
-    same devices. Subclasses of BatchNorm with their own behaviour are left alone.
+    device, dtype and optimizers carry over) and train/eval mode are kept;
+    ``nn.SyncBatchNorm`` becomes :class:`SynchronizedBatchNorm`, which accepts
+    every input rank it did. An ``nn.DataParallel`` becomes a
+    :class:`DataParallelWithCallback` with the same devices. Subclasses of
+    BatchNorm with a forward of their own (timm's ``BatchNormAct2d``) are left
+    as they are: ``autosyncbn.install()`` synchronizes those.
 
     Args:
         module: the model (or an ``nn.DataParallel`` around it).
@@ -150,6 +228,7 @@ def convert_model(module: M, process_group: Any = None) -> M:
         >>> model = convert_model(torchvision.models.resnet18())
         >>> model = convert_model(nn.DataParallel(model, device_ids=[0, 1]))
     """
+    _require_module(module, "convert_model")
     converted = _convert(module, process_group)
     # Qualified names tell layers apart across ranks in error messages.
     for name, layer in converted.named_modules():
@@ -159,23 +238,10 @@ def convert_model(module: M, process_group: Any = None) -> M:
 
 
 def _convert(module: M, process_group: Any) -> M:
-    from .parallel import DataParallelWithCallback
-
     if isinstance(module, nn.DataParallel):
         inner = _convert(module.module, process_group)
-        if not module.device_ids:
-            wrapped = DataParallelWithCallback.__new__(DataParallelWithCallback)
-            nn.Module.__init__(wrapped)
-            wrapped.module = inner
-            wrapped.device_ids = []
-            wrapped.training = module.training
-            return wrapped  # type: ignore[return-value]
-        return DataParallelWithCallback(  # type: ignore[return-value]
-            inner, device_ids=module.device_ids, output_device=module.output_device, dim=module.dim
-        )
+        return _data_parallel_as(module, DataParallelWithCallback, inner)  # type: ignore[return-value]
     target = _TO_SYNCHRONIZED.get(type(module))
-    if target is None and type(module) is nn.SyncBatchNorm:
-        target = _synchronized_class_for(module)
     converted = module
     if target is not None:
         converted = _rebuild(module, target)  # type: ignore[arg-type]
@@ -184,60 +250,42 @@ def _convert(module: M, process_group: Any) -> M:
     return converted  # type: ignore[return-value]
 
 
-def _synchronized_class_for(layer: nn.SyncBatchNorm) -> type:
-    # SyncBatchNorm does not know its input rank; 2d is what it wraps most often.
-    return SynchronizedBatchNorm2d
-
-
 def revert_model(module: M) -> M:
-    """The way back: ``SynchronizedBatchNorm*d`` -> ``nn.BatchNorm*d``, ``nn.SyncBatchNorm`` -> plain.
+    """The way back: synchronized layers and ``nn.SyncBatchNorm`` -> plain BatchNorm, for export and inference.
 
-    For export and inference. Parameters and buffers are shared, not copied.
-    A ``DataParallelWithCallback`` becomes its inner module's reverted copy
-    wrapped in ``nn.DataParallel`` with the same devices.
+    ``SynchronizedBatchNorm*d`` become ``nn.BatchNorm*d``; ``SynchronizedBatchNorm``
+    and ``nn.SyncBatchNorm`` become a plain BatchNorm accepting every input rank
+    >= 2, as they did. Parameters and buffers are shared, not copied. A
+    ``DataParallelWithCallback`` becomes an ``nn.DataParallel`` with the same devices.
     """
-    from .parallel import DataParallelWithCallback
-
+    _require_module(module, "revert_model")
     if isinstance(module, DataParallelWithCallback):
-        inner = revert_model(module.module)
-        if not module.device_ids:
-            plain = nn.DataParallel.__new__(nn.DataParallel)
-            nn.Module.__init__(plain)
-            plain.module = inner
-            plain.device_ids = []
-            plain.training = module.training
-            return plain  # type: ignore[return-value]
-        return nn.DataParallel(  # type: ignore[return-value]
-            inner, device_ids=module.device_ids, output_device=module.output_device, dim=module.dim
-        )
-    target: Optional[type] = None
-    if is_synchronized_class(module):
-        target = next(plain for sync, plain in _TO_PLAIN.items() if isinstance(module, sync))
-    elif type(module) is nn.SyncBatchNorm:
-        target = _BatchNormXd
+        return _data_parallel_as(module, nn.DataParallel, revert_model(module.module))  # type: ignore[return-value]
+    target = _TO_PLAIN.get(type(module))
     reverted = _rebuild(module, target) if target is not None else module  # type: ignore[arg-type]
     _convert_children(reverted, revert_model)
     return reverted  # type: ignore[return-value]
 
 
 def exclude(*modules: nn.Module) -> None:
-    """Leave every BatchNorm layer in ``modules`` (recursively) unsynchronized.
+    """Leave every BatchNorm call made by ``modules`` (and the modules inside them) per slice.
 
-    Those layers take PyTorch's own per-slice path even under ``install()``
-    or :class:`DataParallelWithCallback`. Undo with :func:`include`.
+    Those calls take PyTorch's own per-slice path even under ``install()``,
+    :class:`DataParallelWithCallback` or a process group. Undo with :func:`include`.
 
     Examples::
 
         >>> autosyncbn.exclude(model.head)   # keep the head's BatchNorm per device
     """
     for module in modules:
+        _require_module(module, "exclude")
         for layer in module.modules():
-            if isinstance(layer, _BatchNorm):
-                layer.__dict__[EXCLUDED_ATTRIBUTE] = True
+            layer.__dict__[EXCLUDED_ATTRIBUTE] = True
 
 
 def include(*modules: nn.Module) -> None:
-    """Undo :func:`exclude` for every BatchNorm layer in ``modules``."""
+    """Undo :func:`exclude` for ``modules`` and the modules inside them."""
     for module in modules:
+        _require_module(module, "include")
         for layer in module.modules():
             layer.__dict__.pop(EXCLUDED_ATTRIBUTE, None)

@@ -6,6 +6,7 @@ threads, process groups) shares one definition of "the statistics".
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -78,29 +79,32 @@ def chan_merge(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tenso
     return mean, var, deviation
 
 
-def running_stats_factor(layer: torch.nn.modules.batchnorm._BatchNorm) -> float:
-    """Advance ``num_batches_tracked`` and return the running-average factor.
+def merge_gradients(weights: Tensor, deviation: Tensor, grad_mean: Tensor,
+                    grad_var: Tensor) -> tuple[Tensor, Tensor]:
+    """The chain rule of :func:`chan_merge`: each part's share of the merged gradients.
 
-    Mirrors ``_BatchNorm.forward`` exactly, including ``momentum=None``
-    (cumulative moving average).
+    ``d mean/d mean_i = w_i``, ``d var/d mean_i = 2 w_i (mean_i - mean)`` and
+    ``d var/d var_i = w_i``. ``weights`` holds w_i for the rows of
+    ``deviation`` (mean_i - mean); ``grad_mean``/``grad_var`` are the gradients
+    of the merged statistics, summed over every consumer. Returns the
+    gradients of (means, variances), one row per part.
     """
-    factor = 0.0 if layer.momentum is None else layer.momentum
-    if layer.training and layer.track_running_stats and layer.num_batches_tracked is not None:
-        layer.num_batches_tracked.add_(1)
-        if layer.momentum is None:
-            factor = 1.0 / float(layer.num_batches_tracked)
-    return factor
+    column = weights.unsqueeze(1)
+    grad_means = torch.addcmul(grad_mean, deviation, grad_var, value=2.0) * column
+    return grad_means, grad_var * column
 
 
 @torch.no_grad()
 def update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
     mean: Tensor,
     var: Tensor,
     count: int,
-    factor: float,
+    momentum: float,
 ) -> None:
-    """``running = (1 - f) * running + f * batch``, with the unbiased variance."""
-    running_mean.lerp_(mean.to(running_mean.dtype), factor)
-    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+    """``running = (1 - momentum) * running + momentum * batch``, with the unbiased variance."""
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    if running_var is not None:
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)

@@ -14,19 +14,27 @@ import contextlib
 import sys
 import threading
 from collections.abc import Mapping
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
-import wrapt
 from torch import nn
 from torch._utils import ExceptionWrapper
 
-__all__ = ["EmulatedDataParallel", "cpu_replicate", "emulated_data_parallel", "split_like_data_parallel"]
+from .context import ReplicaPlan
+from .parallel import explicit_plan
+from .replicas import run_parallel
+from .settings import DEFAULT_TIMEOUT
+from .wrapping import Patch, SharedPatches
+
+__all__ = [
+    "EmulatedDataParallel",
+    "EmulatedDataParallelWithCallback",
+    "cpu_replicate",
+    "emulated_data_parallel",
+    "split_like_data_parallel",
+]
 
 _replicate_module = sys.modules["torch.nn.parallel.replicate"]
-_seam_lock = threading.Lock()
-_seam_users = 0
-_seam_original: Any = None
 _emulating = threading.local()
 
 
@@ -78,26 +86,21 @@ class _BroadcastOnCpu(torch.autograd.Function):
         return (None, *sums)
 
 
+_BROADCAST_SEAM = SharedPatches(lambda: [
+    Patch(_replicate_module, "_broadcast_coalesced_reshape", wrapper=_cpu_broadcast)
+])
+
+
 @contextlib.contextmanager
 def _cpu_replication() -> Iterator[None]:
     """Route PyTorch's ``replicate`` to CPU copies for this thread, for the block only."""
-    global _seam_users, _seam_original
-    with _seam_lock:
-        if _seam_users == 0:
-            _seam_original = vars(_replicate_module)["_broadcast_coalesced_reshape"]
-            _replicate_module._broadcast_coalesced_reshape = wrapt.FunctionWrapper(
-                _seam_original, _cpu_broadcast
-            )
-        _seam_users += 1
+    _BROADCAST_SEAM.acquire()
     _emulating.active = True
     try:
         yield
     finally:
         _emulating.active = False
-        with _seam_lock:
-            _seam_users -= 1
-            if _seam_users == 0:
-                _replicate_module._broadcast_coalesced_reshape = _seam_original
+        _BROADCAST_SEAM.release()
 
 
 def cpu_replicate(module: nn.Module, num_replicas: int, detach: bool = False) -> list:
@@ -162,8 +165,13 @@ class EmulatedDataParallel(nn.DataParallel):
         >>> loss = model(x).square().mean(); loss.backward()
     """
 
+    sync_plan: Optional[ReplicaPlan] = None
+    """What synchronizes without ``install()``: nothing (plain DataParallel)."""
+
     def __init__(self, module: nn.Module, num_replicas: int = 2, dim: int = 0) -> None:
         nn.Module.__init__(self)
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int):
+            raise TypeError(f"num_replicas must be an int, got {type(num_replicas).__name__}")
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
         self.module = module
@@ -187,10 +195,36 @@ class EmulatedDataParallel(nn.DataParallel):
         return tuple(tuple(part) for part in scattered), tuple(scattered_kwargs)
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list:
-        return _parallel_apply_on_cpu(replicas, inputs, kwargs)
+        return run_parallel(replicas, lambda calls: _parallel_apply_on_cpu(calls, inputs, kwargs),
+                            explicit_plan=self.sync_plan)
 
     def gather(self, outputs: Sequence[Any], output_device: Any) -> Any:
         return _gather(outputs, self.dim)
+
+
+class EmulatedDataParallelWithCallback(EmulatedDataParallel):
+    """:class:`autosyncbn.DataParallelWithCallback` on ``num_replicas`` CPU replicas.
+
+    The explicit API without GPUs: ``SynchronizedBatchNorm*`` layers
+    synchronize (and replication callbacks run) without ``install()``; plain
+    ``nn.BatchNorm*`` layers stay per slice unless ``install()`` is active.
+
+    Args:
+        module (Module): the module to replicate (on the CPU)
+        num_replicas (int): how many devices to emulate. Default: 2
+        dim (int): the dimension along which inputs are split. Default: 0
+        timeout (float): seconds a replica waits for its peers at one
+            BatchNorm call (keyword only). Default: 300
+
+    Examples::
+
+        >>> model = EmulatedDataParallelWithCallback(convert_model(net), num_replicas=4)
+    """
+
+    def __init__(self, module: nn.Module, num_replicas: int = 2, dim: int = 0, *,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(module, num_replicas, dim)
+        self.sync_plan = explicit_plan(timeout)
 
 
 def emulated_data_parallel(module: nn.Module, inputs: Any, num_replicas: int = 2, dim: int = 0,

@@ -11,8 +11,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import autosyncbn
 
 _PATCHED = [
+    (torch.nn.functional, "batch_norm"),
+    (sys.modules["torch.nn.parallel.data_parallel"], "parallel_apply"),
+    (sys.modules["torch.nn.parallel.parallel_apply"], "parallel_apply"),
+    (torch.nn.parallel, "parallel_apply"),
     (nn.DataParallel, "replicate"),
-    (sys.modules["torch.nn.parallel.data_parallel"], "replicate"),
+    (nn.DataParallel, "parallel_apply"),
     (_BatchNorm, "forward"),
     (sys.modules["torch.nn.parallel.replicate"], "_broadcast_coalesced_reshape"),
     *[(namespace, name) for namespace in (nn, sys.modules["torch.nn.modules"],

@@ -95,13 +95,12 @@ def test_replica_raising_between_batchnorm_calls():
 
 
 def test_peer_error_names_the_failing_replica_and_call():
-    # Replicas 0-2 wait at call 1 while replica 3 raises; their error names it.
+    # Replica 0 waits at call 0 while replica 1 has raised; its error names it.
     group = autosyncbn.group.ReplicaGroup(2, timeout=5)
     group.replica_finished(1, ArithmeticError("boom"))
-    layer_call = group.next_call(0, "layer1.bn")
-    contribution = autosyncbn.group._Contribution("layer1.bn", 3, 4, torch.zeros(3), torch.ones(3))
+    exchange = group.exchange_for(0, "layer1.bn", 3)
     with pytest.raises(autosyncbn.PeerFailedError, match=r"replica 0 was waiting at BatchNorm call 0 \(layer 'layer1.bn'\), but replica 1 raised.*ArithmeticError: boom"):
-        group.exchange(0, layer_call, contribution)
+        exchange(4, torch.zeros(3), torch.ones(3))
 
 
 def test_replica_without_batchnorm_while_others_call_it():
@@ -110,10 +109,9 @@ def test_replica_without_batchnorm_while_others_call_it():
 
 def test_timeout_when_a_peer_never_arrives():
     group = autosyncbn.group.ReplicaGroup(2, timeout=0.2)
-    contribution = autosyncbn.group._Contribution("bn", 3, 4, torch.zeros(3), torch.ones(3))
     start = time.monotonic()
     with pytest.raises(autosyncbn.SyncTimeoutError, match=r"replica 0 waited 0.2s at BatchNorm call 0 \(layer 'bn'\).*\[1\]"):
-        group.exchange(0, group.next_call(0, "bn"), contribution)
+        group.exchange_for(0, "bn", 3)(4, torch.zeros(3), torch.ones(3))
     assert time.monotonic() - start < 2
 
 
@@ -126,14 +124,14 @@ def test_whole_batch_with_one_value_per_channel_raises_pytorch_error():
 def test_one_value_per_channel_over_replicas_is_pytorch_error_too():
     import threading
 
-    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
+    from autosyncbn.functional import sync_batch_norm
 
+    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
     errors = []
 
     def replica(index, count):
-        c = autosyncbn.group._Contribution("bn", 3, count, torch.zeros(3), torch.zeros(3))
         try:
-            group.exchange(index, group.next_call(index, "bn"), c)
+            sync_batch_norm(torch.randn(count, 3), None, None, 1e-5, group.exchange_for(index, "bn", 3))
         except ValueError as error:
             errors.append(error)
 

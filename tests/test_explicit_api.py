@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -66,11 +67,16 @@ def test_synchronized_class_outside_parallel_is_pytorch():
 
 
 def test_patch_replication_callback_is_idempotent():
+    import wrapt
+
     parallel = EmulatedDataParallel(convert_model(ConvBlock(2)), 2)
     patch_replication_callback(parallel)
-    first = parallel.__dict__["replicate"]
     patch_replication_callback(parallel)
-    assert parallel.__dict__["replicate"] is first
+    hook = parallel.__dict__["parallel_apply"]
+    assert isinstance(hook, wrapt.FunctionWrapper) and not isinstance(hook.__wrapped__, wrapt.FunctionWrapper)
+    x = input_of_rank(2, 8)
+    reference = copy.deepcopy(parallel.module)
+    assert_close_to_scale(parallel(x), reference(x))
     with pytest.raises(TypeError):
         patch_replication_callback(nn.Linear(2, 2))
 
@@ -148,7 +154,7 @@ def test_convert_and_revert_torch_sync_batchnorm():
     x = torch.randn(4, 4, 3)
     torch.testing.assert_close(layer(x), nn.functional.batch_norm(x, None, None, sync.weight, sync.bias, True))
     converted = convert_model(nn.Sequential(nn.SyncBatchNorm(4)))
-    assert isinstance(converted[0], SynchronizedBatchNorm2d)
+    assert type(converted[0]) is autosyncbn.SynchronizedBatchNorm
 
 
 def test_state_dict_roundtrip_between_plain_and_synchronized():
@@ -161,12 +167,32 @@ def test_state_dict_roundtrip_between_plain_and_synchronized():
         assert torch.equal(a, b)
 
 
-def test_explicit_api_timeout_is_configurable():
-    from autosyncbn.testing import _cpu_replication
+class SlowSmallSlice(nn.Module):
+    """The replica with the smallest slice is late to its BatchNorm call."""
 
-    parallel = EmulatedDataParallel(convert_model(nn.Sequential(nn.BatchNorm1d(3))), 2)
-    patch_replication_callback(parallel, timeout=7.5)
-    with _cpu_replication():
-        replicas = parallel.replicate(parallel.module, [0, 1])
-    assert replicas[0].__dict__["_autosyncbn_group"].timeout == 7.5
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = SynchronizedBatchNorm1d(3)
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            time.sleep(1.5)
+        return self.bn(x)
+
+
+@pytest.mark.timeout(30)
+def test_explicit_api_timeout_is_configurable():
+    from autosyncbn.testing import EmulatedDataParallelWithCallback
+
+    for parallel in (EmulatedDataParallelWithCallback(SlowSmallSlice(), 3, timeout=0.3),
+                     _patched(EmulatedDataParallel(SlowSmallSlice(), 3), timeout=0.3)):
+        with pytest.raises(autosyncbn.SyncTimeoutError, match="waited 0.3s"):
+            parallel(torch.randn(7, 3))  # slices 3, 3, 1
     assert DataParallelWithCallback(nn.Linear(2, 2), timeout=3.0).sync_timeout == 3.0
+    with pytest.raises(ValueError, match="positive, finite"):
+        DataParallelWithCallback(nn.Linear(2, 2), timeout=0)
+
+
+def _patched(parallel, **options):
+    patch_replication_callback(parallel, **options)
+    return parallel

@@ -1,6 +1,7 @@
-"""install / uninstall / patched: idempotent, exact restore, nesting, coverage of DataParallel's paths."""
+"""install / uninstall / patched: idempotent, exact restore, nesting, and every DataParallel path."""
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 
@@ -8,19 +9,22 @@ import pytest
 import torch
 import wrapt
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel, _cpu_replication
+from autosyncbn.wrapping import Patch
 
 from conftest import PRISTINE, _PATCHED, _snapshot
 from helpers import ConvBlock, input_of_rank
 
 data_parallel_module = sys.modules["torch.nn.parallel.data_parallel"]
+parallel_apply_module = sys.modules["torch.nn.parallel.parallel_apply"]
+OUR_TARGETS = [(torch.nn.functional, "batch_norm"), (data_parallel_module, "parallel_apply"),
+               (parallel_apply_module, "parallel_apply"), (torch.nn.parallel, "parallel_apply")]
 
 
 def synchronizes() -> bool:
-    """Behavioural check: does a 4-replica forward use whole-batch statistics?"""
+    """Behavioural check: does a 2-replica forward use whole-batch statistics?"""
     layer = nn.BatchNorm1d(2)
     x = torch.cat([torch.zeros(2, 2), torch.full((2, 2), 10.0)]).requires_grad_()
     x = x + torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
@@ -38,26 +42,25 @@ def test_import_patches_nothing():
 def test_install_wraps_with_wrapt_and_uninstall_restores_exact_objects():
     autosyncbn.install()
     assert autosyncbn.is_installed()
-    assert isinstance(vars(nn.DataParallel)["replicate"], wrapt.FunctionWrapper)
-    assert isinstance(vars(data_parallel_module)["replicate"], wrapt.FunctionWrapper)
-    assert isinstance(vars(_BatchNorm)["forward"], wrapt.FunctionWrapper)
-    assert vars(nn.DataParallel)["replicate"].__wrapped__ is PRISTINE[0]
+    for owner, name in OUR_TARGETS:
+        assert isinstance(vars(owner)[name], wrapt.FunctionWrapper), name
+    assert vars(torch.nn.functional)["batch_norm"].__wrapped__ is PRISTINE[0]
     assert synchronizes()
     autosyncbn.uninstall()
     assert not autosyncbn.is_installed()
     for (owner, name), original in zip(_PATCHED, PRISTINE):
         assert vars(owner).get(name) is original, f"{owner}.{name} not restored"
-    # Subclasses that inherit forward got no shadow attribute.
-    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LazyBatchNorm2d):
-        assert "forward" not in vars(cls)
+    # Nothing was patched on classes, so no subclass can hold a shadow attribute.
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.DataParallel):
+        assert "forward" not in vars(cls) or cls in (nn.SyncBatchNorm, nn.DataParallel)
     assert not synchronizes()
 
 
 def test_install_twice_never_wraps_twice():
     autosyncbn.install()
-    first = vars(_BatchNorm)["forward"]
-    autosyncbn.install()
-    assert vars(_BatchNorm)["forward"] is first
+    first = vars(torch.nn.functional)["batch_norm"]
+    autosyncbn.install(timeout=5)
+    assert vars(torch.nn.functional)["batch_norm"] is first
     assert not isinstance(first.__wrapped__, wrapt.FunctionWrapper)
     autosyncbn.uninstall()
     autosyncbn.uninstall()
@@ -77,7 +80,7 @@ def test_lifecycle_orders(order):
                 assert autosyncbn.is_installed() and synchronizes()
             assert autosyncbn.is_installed() == was
         assert synchronizes() == autosyncbn.is_installed()
-        assert isinstance(vars(_BatchNorm)["forward"], wrapt.FunctionWrapper) == autosyncbn.is_installed()
+        assert isinstance(vars(torch.nn.functional)["batch_norm"], wrapt.FunctionWrapper) == autosyncbn.is_installed()
     autosyncbn.uninstall()
     assert _snapshot() == PRISTINE
     autosyncbn.install()
@@ -86,13 +89,23 @@ def test_lifecycle_orders(order):
 
 
 def test_nested_patched_scopes_restore_what_they_found():
+    from autosyncbn import settings
+
     with autosyncbn.patched(timeout=11):
         with autosyncbn.patched(timeout=22):
-            assert autosyncbn.patching._options.timeout == 22
+            assert settings.current().timeout == 22
         assert autosyncbn.is_installed()
-        assert autosyncbn.patching._options.timeout == 11
+        assert settings.current().timeout == 11
     assert not autosyncbn.is_installed()
     assert _snapshot() == PRISTINE
+
+
+def test_uninstall_inside_a_scope_ends_only_the_explicit_install():
+    autosyncbn.install()
+    with autosyncbn.patched():
+        autosyncbn.uninstall()
+        assert autosyncbn.is_installed() and synchronizes()  # the scope still holds
+    assert not autosyncbn.is_installed() and _snapshot() == PRISTINE
 
 
 def test_patched_restores_after_an_exception():
@@ -103,9 +116,7 @@ def test_patched_restores_after_an_exception():
 
 
 def test_failed_install_rolls_back(monkeypatch):
-    from autosyncbn import patching
-
-    real_apply = patching._apply
+    real_apply = Patch.apply
     calls = []
 
     def failing_apply(patch):
@@ -114,11 +125,32 @@ def test_failed_install_rolls_back(monkeypatch):
         calls.append(patch)
         real_apply(patch)
 
-    monkeypatch.setattr(patching, "_apply", failing_apply)
+    monkeypatch.setattr(Patch, "apply", failing_apply)
     with pytest.raises(RuntimeError, match="simulated"):
         autosyncbn.install()
+    monkeypatch.undo()
     assert not autosyncbn.is_installed()
     assert _snapshot() == PRISTINE
+    autosyncbn.install()  # and a later install works
+    assert synchronizes()
+    autosyncbn.uninstall()
+
+
+def test_outside_data_parallel_is_pytorch_bit_for_bit():
+    torch.manual_seed(5)
+    model = ConvBlock(4)
+    twin = copy.deepcopy(model)
+    x = input_of_rank(4, 8).requires_grad_()
+    x_twin = x.detach().clone().requires_grad_()
+    expected = twin(x_twin)
+    with autosyncbn.patched():
+        out = model(x)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(x.grad, x_twin.grad)
+    for b, c in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(b, c)
 
 
 def test_subclass_that_calls_super_replicate_is_covered(installed):
@@ -130,47 +162,66 @@ def test_subclass_that_calls_super_replicate_is_covered(installed):
             return super().replicate(module, device_ids)
 
     model = ConvBlock(2)
-    reference = ConvBlock(2)
-    reference.load_state_dict(model.state_dict())
+    reference = copy.deepcopy(model)
     x = input_of_rank(2, 8)
     torch.testing.assert_close(LoggingDataParallel(model, 4)(x), reference(x), atol=1e-5, rtol=1e-4)
     assert LoggingDataParallel.calls == 1
 
 
-def test_functional_data_parallel_replicate_is_hooked(installed):
-    # torch.nn.parallel.data_parallel() needs GPUs; its replicate() is the hooked
-    # module global, exercised here on CPU replicas.
+def test_subclass_whose_replicate_skips_super_is_covered(installed):
+    """Replicas are prepared where they run (parallel_apply), however they were made."""
+
+    class OwnReplicate(EmulatedDataParallel):
+        def replicate(self, module, device_ids):
+            with _cpu_replication():
+                return torch.nn.parallel.replicate(module, device_ids)
+
     model = ConvBlock(2)
-    with _cpu_replication():
-        replicas = data_parallel_module.replicate(model, [0, 1, 2])
-    handles = [r.bn1.__dict__.get("_autosyncbn_sync") for r in replicas]
-    assert [h.replica for h in handles] == [0, 1, 2]
-    assert handles[0].group is handles[2].group
+    reference = copy.deepcopy(model)
+    x = input_of_rank(2, 8)
+    torch.testing.assert_close(OwnReplicate(model, 4)(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["data_parallel", "parallel_apply_module", "package"])
+def test_every_name_of_parallel_apply_is_hooked(installed, name):
+    # Code that calls parallel_apply by any of its names gets synchronized replicas.
+    owner = {"data_parallel": data_parallel_module, "parallel_apply_module": parallel_apply_module,
+             "package": torch.nn.parallel}[name]
+    seen = []
+
+    def run_replicas(modules, inputs, kwargs_tup=None, devices=None):  # CPU stand-in for the real one
+        from autosyncbn.testing import _parallel_apply_on_cpu
+
+        seen.append([type(m).__name__ for m in modules])
+        return _parallel_apply_on_cpu(modules, inputs, kwargs_tup or [{}] * len(modules))
+
+    hooked = vars(owner)["parallel_apply"]
+    layer = nn.BatchNorm1d(3)
+    x = torch.randn(8, 3) + torch.arange(8.0).unsqueeze(1)
+    replicas = EmulatedDataParallel(layer, 2).replicate(layer, [0, 1])
+    # Call our wrapper around the stand-in, exactly as the hooked name would be called.
+    outputs = type(hooked)(run_replicas, hooked._self_wrapper)(replicas, [(p,) for p in x.chunk(2)])
+    assert seen == [["ReplicaCall", "ReplicaCall"]]
+    torch.testing.assert_close(torch.cat(outputs), nn.BatchNorm1d(3)(x), atol=1e-5, rtol=1e-5)
 
 
 def test_exclude_predicate_and_marker_leave_layers_per_slice():
-    model = ConvBlock(2)
-    with autosyncbn.patched(exclude=lambda name, layer: name == "bn2"):
-        parallel = EmulatedDataParallel(model, 2)
-        with _cpu_replication():
-            replicas = parallel.replicate(model, [0, 1])
-        assert "_autosyncbn_sync" in replicas[0].bn1.__dict__
-        assert "_autosyncbn_sync" not in replicas[0].bn2.__dict__
-    autosyncbn.exclude(model.bn1)
+    def per_slice(layer, x):
+        return torch.cat([nn.functional.batch_norm(p, None, None, layer.weight, layer.bias, True)
+                          for p in x.chunk(2)])
+
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3))
+    x = torch.randn(8, 3) * 3 + torch.arange(8.0).unsqueeze(1)
+    with autosyncbn.patched(exclude=lambda name, layer: name == "1"), autosyncbn.sync_report() as report:
+        EmulatedDataParallel(model, 2)(x)
+    assert report.synchronized == ["0"] and report.per_slice == {"1": "excluded"}
+    autosyncbn.exclude(model[0])
     with autosyncbn.patched():
-        with _cpu_replication():
-            replicas = parallel.replicate(model, [0, 1])
-        assert "_autosyncbn_sync" not in replicas[1].bn1.__dict__
-        assert "_autosyncbn_sync" in replicas[1].bn2.__dict__
-        # An excluded layer computes per-slice statistics, as plain DataParallel does.
         layer = nn.BatchNorm1d(3)
         autosyncbn.exclude(layer)
-        x = torch.randn(8, 3)
-        out = EmulatedDataParallel(layer, 2)(x)
-        per_slice = torch.cat([nn.functional.batch_norm(p, None, None, layer.weight, layer.bias, True) for p in x.chunk(2)])
-        torch.testing.assert_close(out, per_slice)
+        torch.testing.assert_close(EmulatedDataParallel(layer, 2)(x), per_slice(layer, x))
     autosyncbn.include(model)
-    assert "_autosyncbn_excluded" not in model.bn1.__dict__
+    assert "_autosyncbn_excluded" not in model[0].__dict__
 
 
 def test_distributed_option_without_a_process_group_is_pytorch_bit_for_bit():

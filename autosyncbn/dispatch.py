@@ -1,0 +1,214 @@
+"""The one decision: does this batch-statistics computation synchronize, and with whom?
+
+Every BatchNorm call that autosyncbn sees arrives at :func:`batch_norm`, with
+``F.batch_norm``'s arguments: calls of ``torch.nn.functional.batch_norm``
+through its patch (``nn.BatchNorm*d``, ``nn.SyncBatchNorm`` without a process
+group, subclasses with their own forward such as timm's ``BatchNormAct2d``,
+conditional BatchNorm), and autosyncbn's own layers directly. :func:`decide`
+answers, in this order:
+
+1. eval mode (running statistics): PyTorch's own call, bit for bit;
+2. inside a DataParallel replica: the replica's group, unless the plan of
+   that forward leaves this kind of call alone or the layer is excluded;
+3. a module of a replica whose forward has ended (``torch.utils.checkpoint``
+   recomputing it in backward): ``CheckpointRecomputeError``;
+4. a process group of 2+ ranks that may be used (``install(distributed=True)``
+   for every call, always for autosyncbn's layers): the group, unless excluded;
+5. anything else: PyTorch's own call. A replica that autosyncbn did not
+   prepare is warned about, once per layer.
+
+Under ``torch.compile`` a call that would synchronize runs eagerly behind a
+graph break, so compiled models synchronize exactly as eager ones; a call
+that cannot synchronize is traced as PyTorch's own (no extra graph break).
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import context as replica_context
+from . import functional, report, settings
+from .context import EXCLUDED_ATTRIBUTE, ReplicaContext
+from .distributed import ProcessGroupTransport, usable_group
+from .errors import CheckpointRecomputeError, UnsynchronizedBatchNormWarning
+from .naming import calling_module, qualified_name
+from .wrapping import Patch
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one call goes: an exchange to synchronize through, or None for PyTorch's own path."""
+
+    exchange: Optional[functional.Exchange]
+    layer: str
+    reason: str
+    updates_running_stats: bool = False
+    replica: Optional[int] = None
+
+
+def decide(input: Tensor, owner: Optional[nn.Module], explicit: bool, process_group: Any,
+           context: Optional[ReplicaContext], options: Optional[settings.Options]) -> Route:
+    """Route one training-mode call (batch statistics). The only place that decides."""
+    if context is not None:
+        layer = context.name_of(owner)
+        if not (context.plan.include_plain or explicit):
+            return Route(None, layer, "a plain layer under the explicit API (install() synchronizes it)",
+                         replica=context.index)
+        if context.group.num_replicas == 1:
+            return Route(None, layer, "a single replica: one device", replica=0)
+        if context.excludes(owner):
+            return Route(None, layer, "excluded", replica=context.index)
+        context.mark_synchronized(owner)
+        return Route(
+            context.group.exchange_for(context.index, layer, input.shape[1]), layer,
+            f"{context.group.num_replicas} replicas", updates_running_stats=context.index == 0,
+            replica=context.index,
+        )
+    ended = replica_context.finished_forward_of(owner)
+    if ended is not None:
+        raise CheckpointRecomputeError(
+            f"BatchNorm layer '{ended.name_of(owner)}' ran in replica {ended.index} after that "
+            f"replica's forward had ended. This happens when torch.utils.checkpoint recomputes a "
+            f"synchronized layer during backward: the replicas cannot meet again then. Keep "
+            f"synchronized BatchNorm outside checkpointed segments, or exclude the layer with "
+            f"autosyncbn.exclude()."
+        )
+    distributed = options is not None and options.distributed
+    if explicit or distributed:
+        if process_group is None and distributed:
+            process_group = options.process_group  # type: ignore[union-attr]
+        group = usable_group(process_group)
+        if group is not None:
+            layer = qualified_name(owner)
+            if _excluded_from_processes(owner, layer, None if explicit else options):
+                return Route(None, layer, "excluded")
+            transport = ProcessGroupTransport(group, layer)
+            return Route(functional.merge_over(transport), layer,
+                         f"process group of {torch.distributed.get_world_size(group)}",
+                         updates_running_stats=True)
+    if owner is not None and owner.__dict__.get("_is_replica", False) and settings.active():
+        layer = qualified_name(owner)
+        _warn_once(f"unprepared:{layer}",
+                   f"BatchNorm layer '{layer}' ran in a DataParallel replica that autosyncbn did "
+                   f"not prepare: its forward started before install(), or its DataParallel runs "
+                   f"replicas without torch.nn.parallel.parallel_apply. It normalized per slice.")
+        return Route(None, layer, "replica not prepared by autosyncbn")
+    reason = "not in a DataParallel replica" if not (explicit or distributed) else "no process group of 2+ ranks"
+    return Route(None, _name_for_report(owner), reason)
+
+
+def _excluded_from_processes(owner: Optional[nn.Module], layer: str,
+                             options: Optional[settings.Options]) -> bool:
+    if owner is None:
+        return False
+    if owner.__dict__.get(EXCLUDED_ATTRIBUTE, False):
+        return True
+    return bool(options is not None and options.exclude is not None and options.exclude(layer, owner))
+
+
+def _name_for_report(owner: Optional[nn.Module]) -> str:
+    return qualified_name(owner) if report.recording() else ""
+
+
+# -- the entry point -------------------------------------------------------------
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, owner: Optional[nn.Module] = None,
+               explicit: bool = False, process_group: Any = None,
+               plain: Optional[Callable[..., Tensor]] = None) -> Tensor:
+    """``F.batch_norm`` whose batch statistics are synchronized when :func:`decide` says so.
+
+    ``owner`` is the module making the call (found from the stack when None),
+    ``explicit`` marks autosyncbn's own layers, ``process_group`` theirs, and
+    ``plain`` is PyTorch's function to fall back to.
+    """
+    plain = plain or FUNCTIONAL_BATCH_NORM.underlying()
+    if torch.compiler.is_compiling():
+        # Decided at trace time: a call that could synchronize runs eagerly behind a
+        # graph break (and decides again then); any other is traced as PyTorch's own.
+        if training and _may_synchronize(explicit, process_group):
+            return _batch_norm_eagerly(input, running_mean, running_var, weight, bias, training, momentum,
+                                       eps, owner=owner, explicit=explicit, process_group=process_group,
+                                       plain=plain)
+        return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training or input.dim() < 2:
+        if report.recording():
+            report.record(qualified_name(owner or calling_module()), False, "eval mode: running statistics")
+        return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if owner is None:
+        owner = calling_module()
+    route = decide(input, owner, explicit, process_group, replica_context.current(), settings.current())
+    if report.recording():
+        report.record(route.layer or qualified_name(owner), route.exchange is not None, route.reason,
+                      route.replica)
+    if route.exchange is None:
+        return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return functional.batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                                 route.exchange, route.updates_running_stats)
+
+
+def _may_synchronize(explicit: bool, process_group: Any) -> bool:
+    """At trace time: could this call synchronize when it runs? Reads nothing a tracer cannot."""
+    if replica_context.current() is not None:
+        return True
+    distributed = settings.distributed_anywhere()
+    if process_group is None and distributed is not None:
+        process_group = distributed.process_group
+    return (explicit or distributed is not None) and usable_group(process_group) is not None
+
+
+_batch_norm_eagerly = torch._dynamo.disable(batch_norm, recursive=True)
+
+
+# -- the patch of torch.nn.functional.batch_norm ----------------------------------
+def _wrap_functional_batch_norm(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``F.batch_norm``: synchronize batch statistics where :func:`decide` says so."""
+    training = args[5] if len(args) > 5 else kwargs.get("training", False)
+    if not training or (replica_context.current() is None and not settings.distributed_anywhere()
+                        and not report.recording() and not _may_be_replica_call()):
+        return wrapped(*args, **kwargs)  # the fast path: nothing to synchronize with
+    return batch_norm(*args, plain=wrapped, **kwargs)
+
+
+def _may_be_replica_call() -> bool:
+    """Outside a prepared replica: is the caller a DataParallel replica's module? (Warned about.)"""
+    if torch.compiler.is_compiling():
+        return False
+    owner = calling_module()
+    return owner is not None and bool(owner.__dict__.get("_is_replica", False))
+
+
+FUNCTIONAL_BATCH_NORM = Patch(F, "batch_norm", wrapper=_wrap_functional_batch_norm)
+"""The patch of ``torch.nn.functional.batch_norm`` that ``install()`` applies."""
+
+
+# -- warnings --------------------------------------------------------------------
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """One warning per layer and cause (replicas are new objects every forward: keyed by name)."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, UnsynchronizedBatchNormWarning, stacklevel=3)
+
+
+def warn_unreached(context: ReplicaContext, layer: nn.Module) -> None:
+    """A layer of replica 0 whose running statistics moved, but not through autosyncbn."""
+    name = context.name_of(layer)
+    _warn_once(f"unreached:{name}", f"BatchNorm layer '{name}' in a DataParallel replica updated "
+                      f"its running statistics without passing through torch.nn.functional.batch_norm "
+                      f"(it calls torch.batch_norm or a kernel directly, or runs code compiled outside "
+                      f"the replica): it normalized per slice. Exclude it with autosyncbn.exclude() to "
+                      f"silence this, or call F.batch_norm.")
+    if report.recording():
+        report.record(name, False, "not reached: did not call F.batch_norm", context.index)

@@ -1,0 +1,170 @@
+"""What ``install()`` and ``patched()`` asked for, as seen from each thread.
+
+``install()`` holds one set of options; each ``patched()`` scope holds its
+own, owned by the thread that entered it. A thread sees, in this order: the
+innermost scope it entered itself, else the options of ``install()``, else
+the most recent scope entered by any thread. The patches stay applied while
+``install()`` holds or any scope is open (``patching.py`` applies them).
+
+DataParallel forwards that started under these options are counted here, so
+``uninstall()`` can let them finish before the patches go away: a forward is
+synchronized wholly or not at all.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+from contextlib import contextmanager
+from torch import nn
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a replica waits for its peers at one BatchNorm call before giving up."""
+
+LayerFilter = Callable[[str, nn.Module], bool]
+"""``(qualified name, layer) -> True`` to leave that layer unsynchronized."""
+
+
+def checked_timeout(timeout: Any) -> float:
+    """A positive, finite number of seconds, or a ``TypeError``/``ValueError`` where it is given."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__} {timeout!r}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(
+            f"timeout must be a positive, finite number of seconds, got {timeout!r}: every wait "
+            f"for a peer has a deadline, so that nothing hangs"
+        )
+    return float(timeout)
+
+
+def checked_exclude(exclude: Any) -> Optional[LayerFilter]:
+    if exclude is not None and not callable(exclude):
+        raise TypeError(
+            f"exclude must be a callable (qualified_name, layer) -> bool, got {type(exclude).__name__}; "
+            f"to leave given modules per slice, use autosyncbn.exclude(module)"
+        )
+    return exclude
+
+
+@dataclass(frozen=True)
+class Options:
+    """One set of ``install()``/``patched()`` options, checked when given."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    exclude: Optional[LayerFilter] = None
+    distributed: bool = False
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timeout", checked_timeout(self.timeout))
+        checked_exclude(self.exclude)
+        if not isinstance(self.distributed, bool):
+            raise TypeError(f"distributed must be True or False, got {self.distributed!r}")
+
+
+_lock = threading.Condition(threading.RLock())
+_installed: Optional[Options] = None
+_scopes: dict[int, tuple[int, Options]] = {}  # token -> (thread id, options), in entry order
+_tokens = itertools.count()
+_forwards_in_flight = 0
+# Read without the lock (by every BatchNorm call, and by torch.compile's tracer):
+# rebuilt under the lock whenever the options change.
+_snapshot: tuple = (None, ())
+_distributed: Optional[Options] = None
+
+
+def _publish() -> None:
+    global _snapshot, _distributed
+    scopes = tuple(_scopes.values())
+    _snapshot = (_installed, scopes)
+    every = ([_installed] if _installed is not None else []) + [options for _, options in scopes]
+    _distributed = next((options for options in reversed(every) if options.distributed), None)
+
+
+def lock() -> threading.Condition:
+    """The one lock around these settings and the patches that follow them."""
+    return _lock
+
+
+def current() -> Optional[Options]:
+    """The options this thread sees, or None when nothing is installed."""
+    installed, scopes = _snapshot
+    if scopes:
+        me = threading.get_ident()
+        for thread, options in reversed(scopes):
+            if thread == me:
+                return options
+    if installed is not None:
+        return installed
+    return scopes[-1][1] if scopes else None
+
+
+def distributed_anywhere() -> Optional[Options]:
+    """Options that asked for process groups (``distributed=True``), if any do."""
+    return _distributed
+
+
+def active() -> bool:
+    """True while ``install()`` holds or any scope is open."""
+    installed, scopes = _snapshot
+    return installed is not None or bool(scopes)
+
+
+def set_installed(options: Optional[Options]) -> None:
+    global _installed
+    with _lock:
+        _installed = options
+        _publish()
+
+
+def installed() -> Optional[Options]:
+    return _installed
+
+
+def open_scope(options: Options) -> int:
+    with _lock:
+        token = next(_tokens)
+        _scopes[token] = (threading.get_ident(), options)
+        _publish()
+        return token
+
+
+def close_scope(token: int) -> None:
+    with _lock:
+        _scopes.pop(token, None)
+        _publish()
+
+
+@contextmanager
+def forward_options() -> Iterator[Optional[Options]]:
+    """The options one DataParallel forward runs under, decided once, counted while it runs."""
+    global _forwards_in_flight
+    with _lock:
+        options = current()
+        if options is not None:
+            _forwards_in_flight += 1
+    try:
+        yield options
+    finally:
+        if options is not None:
+            with _lock:
+                _forwards_in_flight -= 1
+                _lock.notify_all()
+
+
+def wait_for_forwards(timeout: float) -> None:
+    """Block until no forward started under the options is running (at most ``timeout``).
+
+    Called with the lock held, after the options were withdrawn: no new forward
+    can start synchronizing, and those running finish on the patches they started with.
+    """
+    deadline = time.monotonic() + timeout
+    while _forwards_in_flight > 0:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        _lock.wait(min(remaining, 1.0))
