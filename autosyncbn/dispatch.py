@@ -31,12 +31,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from . import context as replica_context
 from . import functional, report, settings
 from .context import EXCLUDED_ATTRIBUTE, ReplicaContext
 from .distributed import ProcessGroupTransport, usable_group
-from .errors import CheckpointRecomputeError, UnsynchronizedBatchNormWarning
+from .errors import CheckpointRecomputeError, SyncBatchNormError, UnsynchronizedBatchNormWarning
 from .naming import calling_module, qualified_name
 from .wrapping import Patch
 
@@ -134,9 +135,17 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         # graph break (and decides again then); any other is traced as PyTorch's own.
         if training and _may_synchronize(explicit, process_group):
             return _batch_norm_eagerly(input, running_mean, running_var, weight, bias, training, momentum,
-                                       eps, owner=owner, explicit=explicit, process_group=process_group,
-                                       plain=plain)
+                                       eps, owner, explicit, process_group, plain)
         return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _batch_norm_now(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           owner, explicit, process_group, plain)
+
+
+def _batch_norm_now(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                    eps: float, owner: Optional[nn.Module], explicit: bool, process_group: Any,
+                    plain: Callable[..., Tensor]) -> Tensor:
+    """Decide and run one call, eagerly."""
     if not training or input.dim() < 2:
         if report.recording():
             report.record(qualified_name(owner or calling_module()), False, "eval mode: running statistics")
@@ -163,17 +172,40 @@ def _may_synchronize(explicit: bool, process_group: Any) -> bool:
     return (explicit or distributed is not None) and usable_group(process_group) is not None
 
 
-_batch_norm_eagerly = torch._dynamo.disable(batch_norm, recursive=True)
+_batch_norm_eagerly = torch._dynamo.disable(_batch_norm_now, recursive=True)
 
 
 # -- the patch of torch.nn.functional.batch_norm ----------------------------------
 def _wrap_functional_batch_norm(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """``F.batch_norm``: synchronize batch statistics where :func:`decide` says so."""
     training = args[5] if len(args) > 5 else kwargs.get("training", False)
-    if not training or (replica_context.current() is None and not settings.distributed_anywhere()
-                        and not report.recording() and not _may_be_replica_call()):
+    if not training:
+        return wrapped(*args, **kwargs)
+    if _tracing(args[0] if args else kwargs["input"]):
+        # torch.compile treats F.batch_norm as one operator: it runs this on fake
+        # tensors to trace it, and the compiled graph never calls it again.
+        if _may_synchronize(False, None):
+            raise SyncBatchNormError(_COMPILE_MESSAGE)
+        return wrapped(*args, **kwargs)
+    if (replica_context.current() is None and not settings.distributed_anywhere()
+            and not report.recording() and not _may_be_replica_call()):
         return wrapped(*args, **kwargs)  # the fast path: nothing to synchronize with
     return batch_norm(*args, plain=wrapped, **kwargs)
+
+
+_COMPILE_MESSAGE = (
+    "torch.compile is tracing a BatchNorm call that autosyncbn must synchronize (across "
+    "DataParallel replicas or a process group): a compiled graph would normalize per slice. "
+    "Convert the model before compiling, model = autosyncbn.convert_model(model): its "
+    "layers synchronize behind a graph break. Subclasses with their own forward (timm's "
+    "BatchNormAct2d) cannot be converted: run those models uncompiled, or compile with "
+    "torch.compile(model, backend='eager')."
+)
+
+
+def _tracing(input: Any) -> bool:
+    """Is this call being traced (fake or functional tensors), not run?"""
+    return torch.compiler.is_compiling() or is_fake(input)
 
 
 def _may_be_replica_call() -> bool:

@@ -117,16 +117,31 @@ class _LocalMoments(torch.autograd.Function):
             grad_var = torch.zeros_like(mean)
         if grad_input is None:
             grad_input = torch.zeros_like(input)
-        shape = channel_view_shape(input)
-        # d mean_i/dx = 1/n and d var_i/dx = 2 (x - mean_i)/n: dx += offset + slope * x.
+        # d mean_i/dx = 1/n and d var_i/dx = 2 (x - mean_i)/n:
+        # dx += slope * (x - mean_i) + offset. Centred first: with a large mean,
+        # slope * x - slope * mean_i would cancel away the digits that matter.
         slope = grad_var * (2.0 / count)
-        offset = torch.addcmul(grad_mean / count, slope, mean, value=-1.0)
+        offset = grad_mean / count
+        shape = channel_view_shape(input)
         if torch.is_grad_enabled():  # create_graph: keep it differentiable
-            return (torch.addcmul(grad_input, input, slope.view(shape)) + offset.view(shape)).to(input.dtype)
-        if grad_input.dtype != slope.dtype:  # half input: accumulate in float32
-            grad_input = grad_input.to(slope.dtype)
+            centred = input.to(mean.dtype) - mean.view(shape)
+            return (grad_input + centred * slope.view(shape) + offset.view(shape)).to(input.dtype)
+        if input.dtype != mean.dtype:  # half input: accumulate in float32
+            statistics_share = torch.addcmul(offset.view(shape), input.to(mean.dtype) - mean.view(shape),
+                                             slope.view(shape))
+        else:
+            statistics_share = centred_affine(input, mean, slope, offset)
         # The incoming gradient is _NormalizeWithStats' fresh tensor, consumed only here.
-        return grad_input.addcmul_(input, slope.view(shape)).add_(offset.view(shape)).to(input.dtype)
+        return grad_input.to(mean.dtype).add_(statistics_share).to(input.dtype)
+
+
+def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(input - centre) * scale + shift`` per channel, in one fused pass.
+
+    PyTorch's eval-mode BatchNorm kernel computes exactly this with a unit
+    variance and no eps, subtracting the centre before it scales.
+    """
+    return torch.native_batch_norm(input, scale, shift, centre, torch.ones_like(centre), False, 0.0, 0.0)[0]
 
 
 # -- merges ----------------------------------------------------------------------

@@ -41,37 +41,37 @@ class _SynchronizedBatchNormMixin:
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)  # type: ignore[attr-defined]
+        self._check_input_dim(input)
         # _BatchNorm.forward's own preamble, so the statistics call gets exactly
         # the arguments PyTorch would give F.batch_norm.
         exponential_average_factor = 0.0
-        if self.momentum is not None:  # type: ignore[attr-defined]
-            exponential_average_factor = self.momentum  # type: ignore[attr-defined]
-        if self.training and self.track_running_stats:  # type: ignore[attr-defined]
-            if self.num_batches_tracked is not None:  # type: ignore[attr-defined]
-                self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
-                if self.momentum is None:  # type: ignore[attr-defined]  # cumulative moving average
-                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
+        if self.momentum is not None:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
                 else:
-                    exponential_average_factor = self.momentum  # type: ignore[attr-defined]
-        if self.training:  # type: ignore[attr-defined]
+                    exponential_average_factor = self.momentum
+        if self.training:
             bn_training = True
         else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)  # type: ignore[attr-defined]
-        tracked = not self.training or self.track_running_stats  # type: ignore[attr-defined]
-        running_mean = self.running_mean if tracked else None  # type: ignore[attr-defined]
-        running_var = self.running_var if tracked else None  # type: ignore[attr-defined]
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        running_mean = self.running_mean if tracked else None
+        running_var = self.running_var if tracked else None
         if torch.jit.is_scripting():
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,  # type: ignore[attr-defined]
-                                bn_training, exponential_average_factor, self.eps)  # type: ignore[attr-defined]
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                bn_training, exponential_average_factor, self.eps)
         return self._batch_norm(input, running_mean, running_var, bn_training, exponential_average_factor)
 
     @torch.jit.unused
     def _batch_norm(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     training: bool, momentum: float) -> Tensor:
         return dispatch.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, training, momentum,  # type: ignore[attr-defined]
-            self.eps, owner=self, explicit=True, process_group=self.process_group,  # type: ignore[attr-defined, arg-type]
+            input, running_mean, running_var, self.weight, self.bias, training, momentum,
+            self.eps, owner=self, explicit=True, process_group=self.process_group,
         )
 
 

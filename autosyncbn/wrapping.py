@@ -33,7 +33,7 @@ _MISSING = object()
 
 
 class _AutosyncbnWrapper(wrapt.FunctionWrapper):
-    """A ``wrapt.FunctionWrapper`` that says it is autosyncbn's, and which patch made it."""
+    """A ``wrapt.FunctionWrapper`` that says it is autosyncbn's (found by identity in a chain)."""
 
 
 def _chain(value: Any) -> Iterable[Any]:
