@@ -148,7 +148,7 @@ def _batch_norm_now(input: Tensor, running_mean: Optional[Tensor], running_var: 
     """Decide and run one call, eagerly."""
     if not training or input.dim() < 2:
         if report.recording():
-            report.record(qualified_name(owner or calling_module()), False, "eval mode: running statistics")
+            _record_eval(owner)
         return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if owner is None:
         owner = calling_module()
@@ -160,6 +160,13 @@ def _batch_norm_now(input: Tensor, running_mean: Optional[Tensor], running_var: 
         return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return functional.batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                                  route.exchange, route.updates_running_stats)
+
+
+def _record_eval(owner: Optional[nn.Module]) -> None:
+    owner = owner or calling_module()
+    context = replica_context.current()
+    layer = context.name_of(owner) if context is not None else qualified_name(owner)
+    report.record(layer, False, "eval mode: running statistics", context.index if context else None)
 
 
 def _may_synchronize(explicit: bool, process_group: Any) -> bool:
@@ -180,6 +187,8 @@ def _wrap_functional_batch_norm(wrapped: Callable, instance: Any, args: tuple, k
     """``F.batch_norm``: synchronize batch statistics where :func:`decide` says so."""
     training = args[5] if len(args) > 5 else kwargs.get("training", False)
     if not training:
+        if report.recording():
+            _record_eval(None)
         return wrapped(*args, **kwargs)
     if _tracing(args[0] if args else kwargs["input"]):
         # torch.compile treats F.batch_norm as one operator: it runs this on fake
@@ -235,12 +244,12 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def warn_unreached(context: ReplicaContext, layer: nn.Module) -> None:
-    """A layer of replica 0 whose running statistics moved, but not through autosyncbn."""
+    """A layer of replica 0 that counted a training step, but never called F.batch_norm."""
     name = context.name_of(layer)
-    _warn_once(f"unreached:{name}", f"BatchNorm layer '{name}' in a DataParallel replica updated "
-                      f"its running statistics without passing through torch.nn.functional.batch_norm "
-                      f"(it calls torch.batch_norm or a kernel directly, or runs code compiled outside "
-                      f"the replica): it normalized per slice. Exclude it with autosyncbn.exclude() to "
-                      f"silence this, or call F.batch_norm.")
+    _warn_once(f"unreached:{name}",
+               f"BatchNorm layer '{name}' in a DataParallel replica ran a training step without "
+               f"passing through torch.nn.functional.batch_norm (it calls torch.batch_norm or a "
+               f"kernel directly, or runs compiled code): it normalized per slice. Exclude it with "
+               f"autosyncbn.exclude() to silence this, or call F.batch_norm.")
     if report.recording():
         report.record(name, False, "not reached: did not call F.batch_norm", context.index)

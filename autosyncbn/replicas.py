@@ -13,7 +13,7 @@ place that sees all replicas at once. :func:`run_forward`
    end or its error to the group, so peers never wait for a replica that
    cannot come;
 4. after the replicas ran, warns about any BatchNorm layer of replica 0 that
-   should have synchronized but moved its running statistics another way.
+   should have synchronized but counted a step without calling F.batch_norm.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class ReplicaCall:
             raise
         group.replica_finished(index)
         for layer, version in watched:
-            if layer.running_mean._version != version and self._should_have_synchronized(layer):
+            if layer.num_batches_tracked._version != version and self._should_have_synchronized(layer):
                 warn_unreached(self.context, layer)
         return output
 
@@ -105,11 +105,15 @@ class ReplicaCall:
 
 
 def _watched_layers(replica: nn.Module) -> list[tuple[_BatchNorm, int]]:
-    """Replica 0's training BatchNorm layers and the version of their running mean."""
+    """Replica 0's training BatchNorm layers and the version of their step counter.
+
+    A layer that ran counts its step (``num_batches_tracked.add_(1)``), which
+    bumps the counter's version; reading a version never waits for a GPU.
+    """
     return [
-        (module, module.running_mean._version)
+        (module, module.num_batches_tracked._version)
         for module in replica.modules()
-        if isinstance(module, _BatchNorm) and module.training and module.running_mean is not None
+        if isinstance(module, _BatchNorm) and module.training and module.num_batches_tracked is not None
     ]
 
 

@@ -46,9 +46,13 @@ class SyncReport:
         return list(dict.fromkeys(layer for layer, synced, _, _ in self.rows() if synced))
 
     @property
-    def per_slice(self) -> dict[str, str]:
-        """Layers with a call that stayed per slice, and why."""
-        return {layer: reason for layer, synced, reason, _ in self.rows() if not synced}
+    def per_slice(self) -> dict[str, list[str]]:
+        """Layers with a call that stayed per slice, and every reason seen."""
+        reasons: dict[str, list[str]] = {}
+        for layer, synced, reason, _ in self.rows():
+            if not synced:
+                reasons.setdefault(layer, []).append(reason)
+        return reasons
 
     def __str__(self) -> str:
         rows = self.rows()
@@ -84,7 +88,7 @@ def sync_report() -> Iterator[SyncReport]:
         >>> with autosyncbn.sync_report() as report:
         ...     loss = criterion(parallel_model(x), y)
         >>> print(report)           # one row per layer: synchronized, or per slice and why
-        >>> report.per_slice        # {'head.bn': 'excluded', ...}
+        >>> report.per_slice        # {'head.bn': ['excluded'], ...}
     """
     report = SyncReport()
     with _lock:

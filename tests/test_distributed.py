@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 
 import pytest
 import torch
@@ -206,3 +207,82 @@ def worker_nccl(rank, world):
                     reason="NCCL needs two CUDA devices")
 def test_nccl_ranks_match_one_process():
     run_ranks(worker_nccl, 2, backend="nccl")
+
+
+# -- coverage and hardening across processes ------------------------------------------
+def worker_subclass_and_compile(rank, world):
+    from test_coverage import BatchNormAct2d
+
+    torch.manual_seed(0)
+    x_all = torch.randn(8, 3, 5, 5) * 2 + 1
+    x = x_all.chunk(world)[rank]
+
+    # A subclass with its own forward (timm's BatchNormAct2d shape) under install(distributed=True).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4))
+    reference = copy.deepcopy(model)
+    with autosyncbn.patched(distributed=True):
+        out = model(x)
+    assert_close_to_scale(out, reference(x_all).chunk(world)[rank].detach(), what="BatchNormAct2d over gloo")
+    assert_close_to_scale(model[1].running_var, reference[1].running_var, what="running_var")
+
+    # Compiled: the converted model synchronizes behind graph breaks ...
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(autosyncbn.convert_model(model), backend="eager")
+    out = compiled(x)
+    assert_close_to_scale(out, reference(x_all).chunk(world)[rank].detach(), what="compiled, converted")
+    # ... and a compiled plain model under install(distributed=True) refuses at its first call.
+    torch._dynamo.reset()
+    with autosyncbn.patched(distributed=True), pytest.raises(Exception, match="torch.compile") as info:
+        torch.compile(copy.deepcopy(reference), backend="eager")(x)
+    assert "convert_model" in str(info.value)
+
+
+def test_subclass_and_compile_over_a_process_group():
+    run_ranks(worker_subclass_and_compile, 2, deadline=150)
+
+
+def worker_skipped_backward(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    x = torch.randn(6, 3)
+    with autosyncbn.patched(distributed=True):
+        model(x).sum().backward()  # in step
+        loss = model(x).sum()
+        with pytest.raises(autosyncbn.ReplicaMismatchError) as info:
+            if rank == 0:  # "loss is NaN, skip the step": rank 0 skips this backward
+                model(x)
+            else:
+                loss.backward()
+    message = str(info.value)
+    assert "skipped a backward" in message, message
+    assert "rank 0: forward" in message and "rank 1: backward" in message, message
+    assert "'1'" in message or "'3'" in message, message  # layers named in words, no hashes
+    assert "#" not in message, message
+
+
+def test_a_rank_that_skips_a_backward_gets_a_clear_error_not_an_abort():
+    run_ranks(worker_skipped_backward, 2, leave_together=False)
+
+
+def _apply_batchnorm_in_a_worker(index):
+    layer = nn.BatchNorm1d(3)
+    x = torch.randn(4, 3) + index
+    return layer(x).sum().item(), torch.distributed.is_initialized()
+
+
+def worker_dataloader_fork(rank, world):
+    start = time.monotonic()
+    with autosyncbn.patched(distributed=True):
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.arange(4.0)), batch_size=1, num_workers=2,
+            multiprocessing_context="fork",
+            collate_fn=lambda batch: _apply_batchnorm_in_a_worker(int(batch[0][0])),
+        )
+        results = list(loader)
+    assert len(results) == 4 and all(abs(total) < 1e-4 for total, _ in results), results
+    assert time.monotonic() - start < 20
+
+
+def test_dataloader_fork_workers_never_use_the_parents_process_group():
+    run_ranks(worker_dataloader_fork, 2, deadline=60)

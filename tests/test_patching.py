@@ -214,7 +214,7 @@ def test_exclude_predicate_and_marker_leave_layers_per_slice():
     x = torch.randn(8, 3) * 3 + torch.arange(8.0).unsqueeze(1)
     with autosyncbn.patched(exclude=lambda name, layer: name == "1"), autosyncbn.sync_report() as report:
         EmulatedDataParallel(model, 2)(x)
-    assert report.synchronized == ["0"] and report.per_slice == {"1": "excluded"}
+    assert report.synchronized == ["0"] and report.per_slice == {"1": ["excluded"]}
     autosyncbn.exclude(model[0])
     with autosyncbn.patched():
         layer = nn.BatchNorm1d(3)
