@@ -114,17 +114,17 @@ class ProcessGroupTransport:
         self.channels = 0
 
     # -- functional.MomentsTransport -------------------------------------------
-    def gather(self, count: int, mean: Tensor, var: Tensor) -> tuple[list[int], Tensor, Tensor, int]:
-        self.channels = mean.numel()
-        rows, headers = self._exchange(FORWARD, count, mean, var)
+    def gather(self, count: int, moments: Tensor) -> tuple[list[int], Tensor, int]:
+        self.channels = moments.shape[1]
+        rows, headers = self._exchange(FORWARD, count, moments[0], moments[1])
         counts = [int(header[3]) for header in headers]
         self.total = sum(counts)
-        means, variances = self._vectors(rows, mean, var)
-        return counts, means, variances, dist.get_rank(self.group)
+        means, variances = self._vectors(rows, moments[0], moments[1])
+        return counts, torch.stack([means, variances], 1), dist.get_rank(self.group)
 
-    def sum_gradients(self, grads: Tensor) -> Tensor:
-        rows, _ = self._exchange(BACKWARD, 0, grads[0], grads[1])
-        grad_means, grad_vars = self._vectors(rows, grads[0], grads[1])
+    def sum_gradients(self, grad: Tensor) -> Tensor:
+        rows, _ = self._exchange(BACKWARD, 0, grad[0], grad[1])
+        grad_means, grad_vars = self._vectors(rows, grad[0], grad[1])
         return torch.stack([grad_means.sum(0), grad_vars.sum(0)])
 
     # -- internals -------------------------------------------------------------

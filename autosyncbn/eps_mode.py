@@ -1,8 +1,6 @@
 """How ``eps`` enters synchronized normalization: PyTorch's ``var + eps`` or the classic clamp."""
 from __future__ import annotations
 
-from torch import Tensor
-
 _EPS_MODES = ("plus", "clamp")
 _eps_mode = "plus"
 
@@ -20,11 +18,5 @@ def set_sbn_eps_mode(mode: str) -> None:
 
 
 def get_sbn_eps_mode() -> str:
+    """The current mode: ``'plus'`` or ``'clamp'``."""
     return _eps_mode
-
-
-def variance_for_normalization(var: Tensor, eps: float) -> tuple[Tensor, float]:
-    """(variance, eps) to hand to a ``var + eps`` kernel under the current mode."""
-    if _eps_mode == "clamp":
-        return var.clamp(min=eps), 0.0
-    return var, eps

@@ -4,8 +4,8 @@ All BatchNorm math of autosyncbn lives here and in ``moments.py``; the two
 backends only move values (``group.py`` between replica threads,
 ``distributed.py`` between processes). One synchronized call is::
 
-    each part:  x --_LocalMoments--> (x view, mean_i, var_i)
-    merge:      (n_i, mean_i, var_i of every part) --Chan--> (mean, var)
+    each part:  x --_LocalMoments--> (x view, moments_i = [mean_i; var_i])
+    merge:      (n_i, moments_i of every part) --Chan--> moments = [mean; var]
     each part:  (x view, mean, var, weight, bias) --_NormalizeWithStats--> y
 
 The merge is one of two autograd Functions, which share the forward
@@ -33,21 +33,21 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .eps_mode import variance_for_normalization
+from .eps_mode import get_sbn_eps_mode
 from .moments import (
     chan_merge,
     channel_view_shape,
     count_weights,
-    local_mean_var,
+    local_moments,
     merge_gradients,
     reduction_dims,
     update_running_stats,
     values_per_channel,
 )
 
-Exchange = Callable[[int, Tensor, Tensor], "tuple[Tensor, Tensor, int]"]
-"""``(count, mean_i, var_i)`` of this part -> merged ``(mean, biased var, total count)``,
-autograd-connected to every part's moments."""
+Exchange = Callable[[int, Tensor], "tuple[Tensor, int]"]
+"""``(count, moments_i)`` of this part -> the merged (2, C) ``(mean, biased var)`` and the
+total count, autograd-connected to every part's moments."""
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -58,11 +58,11 @@ class MomentsTransport(Protocol):
     total: int
     """The whole batch's value count per channel, known once :meth:`gather` ran."""
 
-    def gather(self, count: int, mean: Tensor, var: Tensor) -> "tuple[list[int], Tensor, Tensor, int]":
-        """Every part's count, means and variances (one row per part), and this part's row."""
+    def gather(self, count: int, moments: Tensor) -> "tuple[list[int], Tensor, int]":
+        """Every part's count and (2, C) moments (stacked: parts, 2, C), and this part's index."""
 
-    def sum_gradients(self, grads: Tensor) -> Tensor:
-        """The (2, C) gradients of the merged (mean, var), summed over every part."""
+    def sum_gradients(self, grad: Tensor) -> Tensor:
+        """The (2, C) gradient of the merged (mean, var), summed over every part."""
 
 
 # -- argument checks: PyTorch's errors, raised before any peer is involved -----
@@ -97,31 +97,29 @@ def check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: 
 
 # -- local moments ---------------------------------------------------------------
 class _LocalMoments(torch.autograd.Function):
-    """x -> (x, mean_i, var_i) of this slice; backward adds the statistics' share of dx."""
+    """x -> (x, [mean_i; var_i]) of this slice; backward adds the statistics' share of dx."""
 
     @staticmethod
-    def forward(ctx: Any, input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = local_mean_var(input)
+    def forward(ctx: Any, input: Tensor) -> tuple[Tensor, Tensor]:
+        moments = local_moments(input)
         ctx.count = values_per_channel(input)
-        ctx.save_for_backward(input, mean)
-        return input.view_as(input), mean, var
+        ctx.save_for_backward(input, moments)
+        return input.view_as(input), moments
 
     @staticmethod
-    def backward(ctx: Any, grad_input: Optional[Tensor], grad_mean: Optional[Tensor],
-                 grad_var: Optional[Tensor]) -> Tensor:
-        input, mean = ctx.saved_tensors
-        count = max(ctx.count, 1)
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad_var = torch.zeros_like(mean)
+    def backward(ctx: Any, grad_input: Optional[Tensor], grad_moments: Optional[Tensor]) -> Tensor:
+        input, moments = ctx.saved_tensors
+        if grad_moments is None:
+            grad_moments = torch.zeros_like(moments)
         if grad_input is None:
             grad_input = torch.zeros_like(input)
         # d mean_i/dx = 1/n and d var_i/dx = 2 (x - mean_i)/n:
         # dx += slope * (x - mean_i) + offset. Centred first: with a large mean,
         # slope * x - slope * mean_i would cancel away the digits that matter.
-        slope = grad_var * (2.0 / count)
-        offset = grad_mean / count
+        count = max(ctx.count, 1)
+        mean = moments[0]
+        slope = grad_moments[1] * (2.0 / count)
+        offset = grad_moments[0] / count
         shape = channel_view_shape(input)
         if torch.is_grad_enabled():  # create_graph: keep it differentiable
             centred = input.to(mean.dtype) - mean.view(shape)
@@ -145,96 +143,74 @@ def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) 
 
 
 # -- merges ----------------------------------------------------------------------
-def _stacked(moments: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Per-channel vectors stacked on ``device`` in float64: the merge adds no error of its own."""
-    return torch.stack([m.to(device) for m in moments]).double()
+def _on(device: torch.device, tensor: Tensor) -> Tensor:
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 class _MergeReplicas(torch.autograd.Function):
-    """Every replica's (mean_i, var_i) -> the merged (mean, var) on every replica's device."""
+    """Every replica's moments -> the merged moments on every replica's device (one node)."""
 
     @staticmethod
     def forward(ctx: Any, counts: tuple[int, ...], *moments: Tensor) -> tuple[Tensor, ...]:
         device, dtype = moments[0].device, moments[0].dtype
-        replicas = len(counts)
-        stacked = _stacked(moments, device)
-        mean, var, _ = chan_merge(count_weights(counts, device), stacked[:replicas], stacked[replicas:])
-        mean, var = mean.to(dtype), var.to(dtype)
+        # float64 on per-channel vectors: the merge adds no error of its own.
+        stacked = torch.stack([_on(device, m) for m in moments]).double()
+        weights = count_weights(counts, device)
+        merged, ctx.deviation = chan_merge(weights, stacked)
+        merged = merged.to(dtype)
         ctx.counts = counts
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*moments)
         # A distinct tensor per replica: each receives its own gradient, and backward
         # sums them in replica order, so results do not depend on thread timing.
-        return tuple(
-            t.to(m.device, copy=index > 0)
-            for index, m in enumerate(moments[:replicas])
-            for t in (mean, var)
-        )
+        return tuple(merged if i == 0 else merged.to(m.device, copy=True) for i, m in enumerate(moments))
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         moments = ctx.saved_tensors
-        replicas = len(ctx.counts)
         device, dtype = moments[0].device, moments[0].dtype
-        # Recomputed from the saved inputs, so double backward differentiates it too.
-        stacked = _stacked(moments, device)
         weights = count_weights(ctx.counts, device)
-        _, _, deviation = chan_merge(weights, stacked[:replicas], stacked[replicas:])
-        grad_means, grad_variances = merge_gradients(
-            weights, deviation, _sum_on(device, grads[0::2], moments[0]), _sum_on(device, grads[1::2], moments[0])
-        )
-        return (
-            None,
-            *[grad_means[i].to(dtype).to(m.device) for i, m in enumerate(moments[:replicas])],
-            *[grad_variances[i].to(dtype).to(m.device) for i, m in enumerate(moments[:replicas])],
-        )
+        deviation = ctx.deviation
+        if torch.is_grad_enabled():  # double backward: recompute it differentiably
+            _, deviation = chan_merge(weights, torch.stack([_on(device, m) for m in moments]).double())
+        present = [_on(device, g) for g in grads if g is not None]
+        if not present:
+            return (None,) * (len(moments) + 1)
+        summed = (present[0] if len(present) == 1 else torch.stack(present).sum(0)).double()
+        shares = merge_gradients(weights, deviation, summed).to(dtype)
+        return (None, *[_on(m.device, share) for share, m in zip(shares, moments)])
 
 
-def _sum_on(device: torch.device, grads: Sequence[Optional[Tensor]], like: Tensor) -> Tensor:
-    present = [g.to(device) for g in grads if g is not None]
-    if not present:
-        return torch.zeros_like(like, dtype=torch.float64)
-    if len(present) == 1:
-        return present[0].double()
-    return torch.stack(present).double().sum(0)
-
-
-def merge_replica_moments(counts: Sequence[int], means: Sequence[Tensor],
-                          variances: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """Merged (mean, biased var) for each replica, on its device, autograd-connected to all."""
-    outputs = _MergeReplicas.apply(tuple(counts), *means, *variances)
-    return [(outputs[2 * i], outputs[2 * i + 1]) for i in range(len(counts))]
+def merge_replica_moments(counts: Sequence[int], moments: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The merged moments for each replica, on its device, autograd-connected to all."""
+    return _MergeReplicas.apply(tuple(counts), *moments)
 
 
 class _MergeOverTransport(torch.autograd.Function):
-    """This process's (mean_i, var_i) -> the merged (mean, var), the other parts gathered by a transport."""
+    """This process's moments -> the merged moments, the other parts gathered by a transport."""
 
     @staticmethod
-    def forward(ctx: Any, mean: Tensor, var: Tensor, count: int,
-                transport: MomentsTransport) -> tuple[Tensor, Tensor]:
-        counts, means, variances, row = transport.gather(count, mean, var)
-        weights = count_weights(tuple(counts), mean.device)
-        merged_mean, merged_var, deviation = chan_merge(weights, means.double(), variances.double())
+    def forward(ctx: Any, moments: Tensor, count: int, transport: MomentsTransport) -> Tensor:
+        counts, gathered, row = transport.gather(count, moments)
+        weights = count_weights(tuple(counts), moments.device)
+        merged, deviation = chan_merge(weights, gathered.double())
         ctx.transport = transport
         ctx.save_for_backward(weights[row:row + 1], deviation[row:row + 1])
-        ctx.total = sum(counts)
-        return merged_mean.to(mean.dtype), merged_var.to(mean.dtype)
+        return merged.to(moments.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         weight, deviation = ctx.saved_tensors
-        summed = ctx.transport.sum_gradients(torch.stack([grad_mean, grad_var]).double())
-        grad_means, grad_variances = merge_gradients(weight, deviation, summed[0], summed[1])
-        return grad_means[0].to(grad_mean.dtype), grad_variances[0].to(grad_var.dtype), None, None
+        summed = ctx.transport.sum_gradients(grad.double())
+        return merge_gradients(weight, deviation, summed)[0].to(grad.dtype), None, None
 
 
 def merge_over(transport: MomentsTransport) -> Exchange:
     """An exchange that merges this process's moments with those a transport gathers."""
 
-    def exchange(count: int, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, int]:
-        merged_mean, merged_var = _MergeOverTransport.apply(mean, var, count, transport)
-        return merged_mean, merged_var, transport.total  # type: ignore[attr-defined]
+    def exchange(count: int, moments: Tensor) -> tuple[Tensor, int]:
+        return _MergeOverTransport.apply(moments, count, transport), transport.total
 
     return exchange
 
@@ -273,30 +249,36 @@ def normalize_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
 
 
 class _NormalizeWithStats(torch.autograd.Function):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias with given statistics.
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with the given (2, C) [mean; var].
 
-    Backward returns dy's direct share of dx plus the gradients of mean and var,
-    which autograd carries back through the merge to every part.
+    Backward returns dy's direct share of dx plus the (2, C) gradient of the
+    statistics, which autograd carries back through the merge to every part.
+    Under the classic 'clamp' eps mode the variance is clamped at eps instead,
+    and a clamped channel's variance gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx: Any, input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                bias: Optional[Tensor], eps: float, moments_node: Any) -> Tensor:
-        ctx.eps = eps
-        ctx.moments_node = moments_node
+    def forward(ctx: Any, input: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float, moments_node: Any) -> Tensor:
+        clamp = get_sbn_eps_mode() == "clamp"
+        variance = stats[1].clamp(min=eps) if clamp else stats[1]
+        ctx.eps, ctx.clamp, ctx.moments_node = eps, clamp, moments_node
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         # Save the input only when _LocalMoments did not (x needs no grad).
         saved_input = input if moments_node is None else None
-        ctx.save_for_backward(saved_input, mean, var, weight)
-        return normalize_with_stats(input, weight, bias, mean, var, eps)
+        ctx.save_for_backward(saved_input, stats, weight)
+        return normalize_with_stats(input, weight, bias, stats[0], variance, 0.0 if clamp else eps)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-        saved_input, mean, var, weight = ctx.saved_tensors
+        saved_input, stats, weight = ctx.saved_tensors
         input = saved_input if ctx.moments_node is None else ctx.moments_node.saved_tensors[0]
-        need_input, need_mean, need_var, need_weight, need_bias = ctx.needs_input_grad[:5]
-        invstd = (var + ctx.eps).rsqrt()
+        need_input, need_stats, need_weight, need_bias = ctx.needs_input_grad[:4]
+        mean, var = stats[0], stats[1]
+        variance = var.clamp(min=ctx.eps) if ctx.clamp else var
+        eps = 0.0 if ctx.clamp else ctx.eps
+        invstd = (variance + eps).rsqrt()
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         if torch.is_grad_enabled():
             # create_graph=True (double backward): composite, differentiable ops.
@@ -309,36 +291,37 @@ class _NormalizeWithStats(torch.autograd.Function):
             sum_dy_xhat = (dy * xhat).sum(dims)
         else:
             grad_input, sum_dy_xhat, sum_dy = normalize_backward(
-                grad_output, input, weight, mean, var, ctx.eps, need_input
+                grad_output, input, weight, mean, variance, eps, need_input
             )
-        grad_mean = (scale * sum_dy).neg() if need_mean else None
-        grad_var = torch.mul(scale * invstd, sum_dy_xhat).mul(-0.5) if need_var else None
+        grad_stats = None
+        if need_stats:
+            grad_var = scale * invstd * sum_dy_xhat * -0.5
+            if ctx.clamp:
+                grad_var = grad_var * (var >= ctx.eps)
+            grad_stats = torch.stack([(scale * sum_dy).neg(), grad_var])
         grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight and ctx.weight_dtype else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype else None
-        return grad_input, grad_mean, grad_var, grad_weight, grad_bias, None, None
+        return grad_input, grad_stats, grad_weight, grad_bias, None, None
 
 
 # -- the call --------------------------------------------------------------------
 def sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                    exchange: Exchange) -> tuple[Tensor, Tensor, Tensor, int]:
+                    exchange: Exchange) -> tuple[Tensor, Tensor, int]:
     """Batch-normalize ``input`` with statistics merged across parts by ``exchange``.
 
-    Returns the output and the merged mean, biased variance and value count
-    per channel. Every part sees the same total, so a whole batch of one value
-    per channel raises PyTorch's ``ValueError`` in every part alike.
+    Returns the output, the merged (2, C) (mean, biased variance) and the
+    value count per channel. Every part sees the same total, so a whole batch
+    of one value per channel raises PyTorch's ``ValueError`` in every part alike.
     """
-    input_view, mean, var = _LocalMoments.apply(input)
-    global_mean, global_var, total = exchange(values_per_channel(input), mean, var)
+    input_view, moments = _LocalMoments.apply(input)
+    merged, total = exchange(values_per_channel(input), moments)
     if total <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {total} value(s) per "
             f"channel over the whole batch (input size of this part {list(input.shape)})"
         )
-    normalizing_var, normalizing_eps = variance_for_normalization(global_var, eps)
-    output = _NormalizeWithStats.apply(
-        input_view, global_mean, normalizing_var, weight, bias, normalizing_eps, mean.grad_fn
-    )
-    return output, global_mean, global_var, total
+    output = _NormalizeWithStats.apply(input_view, merged, weight, bias, eps, moments.grad_fn)
+    return output, merged, total
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -351,7 +334,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     the call would have on one device, by the part that owns them.
     """
     check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
-    output, mean, var, total = sync_batch_norm(input, weight, bias, eps, exchange)
+    output, merged, total = sync_batch_norm(input, weight, bias, eps, exchange)
     if updates_running_stats:
-        update_running_stats(running_mean, running_var, mean, var, total, float(momentum))
+        update_running_stats(running_mean, running_var, merged, total, float(momentum))
     return output

@@ -27,8 +27,7 @@ class _Contribution:
     layer: str
     channels: int
     count: int
-    mean: Tensor
-    var: Tensor
+    moments: Tensor
 
 
 @dataclass
@@ -90,12 +89,12 @@ class ReplicaGroup:
             call = state.calls
             state.calls += 1
 
-        def exchange(count: int, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, int]:
-            return self._meet(replica, call, _Contribution(layer, channels, count, mean, var))
+        def exchange(count: int, moments: Tensor) -> tuple[Tensor, int]:
+            return self._meet(replica, call, _Contribution(layer, channels, count, moments))
 
         return exchange
 
-    def _meet(self, replica: int, call: int, contribution: _Contribution) -> tuple[Tensor, Tensor, int]:
+    def _meet(self, replica: int, call: int, contribution: _Contribution) -> tuple[Tensor, int]:
         """Deposit this replica's moments for ``call``; return the merged statistics."""
         with self._cond:
             slot = self._slots.get(call)
@@ -167,12 +166,8 @@ class ReplicaGroup:
             return
         total = sum(c.count for c in contributions)
         try:
-            merged = merge_replica_moments(
-                [c.count for c in contributions],
-                [c.mean for c in contributions],
-                [c.var for c in contributions],
-            )
-            slot.results = [(mean, var, total) for mean, var in merged]
+            merged = merge_replica_moments([c.count for c in contributions], [c.moments for c in contributions])
+            slot.results = [(moments, total) for moments in merged]
         except Exception as error:  # surfaced in every replica, never left waiting
             failure = error
             slot.error = lambda replica: SyncBatchNormError(

@@ -37,8 +37,8 @@ def values_per_channel(input: Tensor) -> int:
     return input.numel() // channels if channels else 0
 
 
-def local_mean_var(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``input``, in the accumulation dtype.
+def local_moments(input: Tensor) -> Tensor:
+    """Per-channel (mean, biased variance) of ``input`` as one (2, C) tensor, in the accumulation dtype.
 
     Uses PyTorch's own BatchNorm statistics kernel (one pass, the same numerics
     as ``nn.BatchNorm``). Half inputs get float32 scratch buffers so the kernel
@@ -48,13 +48,12 @@ def local_mean_var(input: Tensor) -> tuple[Tensor, Tensor]:
     channels = input.shape[1]
     if input.numel() == 0:
         # An empty slice contributes nothing (and PyTorch's kernel rejects it).
-        zeros = torch.zeros(channels, dtype=accumulation_dtype(input.dtype), device=input.device)
-        return zeros, zeros.clone()
+        return torch.zeros(2, channels, dtype=accumulation_dtype(input.dtype), device=input.device)
     if input.dtype in _REDUCED_PRECISION:
         scratch_mean = torch.zeros(channels, dtype=torch.float32, device=input.device)
         scratch_var = torch.ones(channels, dtype=torch.float32, device=input.device)
-        return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
-    return torch.batch_norm_update_stats(input, None, None, 0.0)
+        return torch.stack(torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0))
+    return torch.stack(torch.batch_norm_update_stats(input, None, None, 0.0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,47 +63,43 @@ def count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
 
 
-def chan_merge(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def chan_merge(weights: Tensor, moments: Tensor) -> tuple[Tensor, Tensor]:
     """Chan's parallel merge of per-part moments into the whole batch's.
 
-    With weights w_i = n_i / N and each part's mean and biased variance (rows
-    of ``means`` and ``variances``): ``mean = sum w_i mean_i`` and ``var =
+    ``moments`` is (parts, 2, C): each part's mean and biased variance.
+    With weights w_i = n_i / N: ``mean = sum w_i mean_i`` and ``var =
     sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums are subtracted,
     so inputs with a large mean and a small spread keep their precision.
-    Returns (mean, var, mean_i - mean); differentiable.
+    Returns the merged (2, C) moments and each part's ``mean_i - mean``;
+    differentiable.
     """
-    mean = torch.mv(means.t(), weights)
-    deviation = means - mean
-    var = torch.addmv(torch.mv(variances.t(), weights), deviation.square().t(), weights)
-    return mean, var, deviation
+    weighted = torch.matmul(weights, moments.flatten(1)).view(moments.shape[1:])
+    deviation = moments[:, 0] - weighted[0]
+    variance = torch.addmv(weighted[1], deviation.square().t(), weights)
+    return torch.stack([weighted[0], variance]), deviation
 
 
-def merge_gradients(weights: Tensor, deviation: Tensor, grad_mean: Tensor,
-                    grad_var: Tensor) -> tuple[Tensor, Tensor]:
-    """The chain rule of :func:`chan_merge`: each part's share of the merged gradients.
+def merge_gradients(weights: Tensor, deviation: Tensor, grad: Tensor) -> Tensor:
+    """The chain rule of :func:`chan_merge`: each part's share of the merged moments' gradient.
 
     ``d mean/d mean_i = w_i``, ``d var/d mean_i = 2 w_i (mean_i - mean)`` and
-    ``d var/d var_i = w_i``. ``weights`` holds w_i for the rows of
-    ``deviation`` (mean_i - mean); ``grad_mean``/``grad_var`` are the gradients
-    of the merged statistics, summed over every consumer. Returns the
-    gradients of (means, variances), one row per part.
+    ``d var/d var_i = w_i``. ``grad`` is the (2, C) gradient of the merged
+    (mean, var), summed over every consumer; returns (parts, 2, C).
     """
-    column = weights.unsqueeze(1)
-    grad_means = torch.addcmul(grad_mean, deviation, grad_var, value=2.0) * column
-    return grad_means, grad_var * column
+    grad_means = torch.addcmul(grad[0], deviation, grad[1], value=2.0)
+    return torch.stack([grad_means, grad[1].expand_as(grad_means)], 1) * weights.view(-1, 1, 1)
 
 
 @torch.no_grad()
 def update_running_stats(
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
-    mean: Tensor,
-    var: Tensor,
+    moments: Tensor,
     count: int,
     momentum: float,
 ) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, with the unbiased variance."""
     if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_mean.lerp_(moments[0].to(running_mean.dtype), momentum)
     if running_var is not None:
-        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        running_var.lerp_((moments[1] * (count / (count - 1))).to(running_var.dtype), momentum)
