@@ -56,21 +56,12 @@ class Route:
 def decide(input: Tensor, owner: Optional[nn.Module], explicit: bool, process_group: Any,
            context: Optional[ReplicaContext], options: Optional[settings.Options]) -> Route:
     """Route one training-mode call (batch statistics). The only place that decides."""
+    distributed = options is not None and options.distributed
+    if process_group is None and distributed:
+        process_group = options.process_group  # type: ignore[union-attr]
+    group = usable_group(process_group) if explicit or distributed else None
     if context is not None:
-        layer = context.name_of(owner)
-        if not (context.plan.include_plain or explicit):
-            return Route(None, layer, "a plain layer under the explicit API (install() synchronizes it)",
-                         replica=context.index)
-        if context.group.num_replicas == 1:
-            return Route(None, layer, "a single replica: one device", replica=0)
-        if context.excludes(owner):
-            return Route(None, layer, "excluded", replica=context.index)
-        context.mark_synchronized(owner)
-        return Route(
-            context.group.exchange_for(context.index, layer, input.shape[1]), layer,
-            f"{context.group.num_replicas} replicas", updates_running_stats=context.index == 0,
-            replica=context.index,
-        )
+        return _replica_route(input, owner, explicit, group, context)
     ended = replica_context.finished_forward_of(owner)
     if ended is not None:
         raise CheckpointRecomputeError(
@@ -80,19 +71,15 @@ def decide(input: Tensor, owner: Optional[nn.Module], explicit: bool, process_gr
             f"synchronized BatchNorm outside checkpointed segments, or exclude the layer with "
             f"autosyncbn.exclude()."
         )
-    distributed = options is not None and options.distributed
-    if explicit or distributed:
-        if process_group is None and distributed:
-            process_group = options.process_group  # type: ignore[union-attr]
-        group = usable_group(process_group)
-        if group is not None:
-            layer = qualified_name(owner)
-            if _excluded_from_processes(owner, layer, None if explicit else options):
-                return Route(None, layer, "excluded")
-            transport = ProcessGroupTransport(group, layer)
-            return Route(functional.merge_over(transport), layer,
-                         f"process group of {torch.distributed.get_world_size(group)}",
-                         updates_running_stats=True)
+    # As nn.SyncBatchNorm: a module in eval mode (batch statistics without running
+    # ones) stays local, so one rank may evaluate alone without a collective.
+    if group is not None and (owner is None or owner.training):
+        layer = qualified_name(owner)
+        if _excluded_from_processes(owner, layer, None if explicit else options):
+            return Route(None, layer, "excluded")
+        return Route(functional.merge_over(ProcessGroupTransport(group, layer)), layer,
+                     f"process group of {torch.distributed.get_world_size(group)}",
+                     updates_running_stats=True)
     if owner is not None and owner.__dict__.get("_is_replica", False) and settings.active():
         layer = qualified_name(owner)
         _warn_once(f"unprepared:{layer}",
@@ -100,8 +87,35 @@ def decide(input: Tensor, owner: Optional[nn.Module], explicit: bool, process_gr
                    f"not prepare: its forward started before install(), or its DataParallel runs "
                    f"replicas without torch.nn.parallel.parallel_apply. It normalized per slice.")
         return Route(None, layer, "replica not prepared by autosyncbn")
-    reason = "not in a DataParallel replica" if not (explicit or distributed) else "no process group of 2+ ranks"
+    if explicit or distributed:
+        reason = "eval mode: stays local, as nn.SyncBatchNorm" if group is not None else "no process group of 2+ ranks"
+    else:
+        reason = "not in a DataParallel replica"
     return Route(None, _name_for_report(owner), reason)
+
+
+def _replica_route(input: Tensor, owner: Optional[nn.Module], explicit: bool, group: Any,
+                   context: ReplicaContext) -> Route:
+    """A call inside replica ``context.index`` of a DataParallel forward."""
+    layer = context.name_of(owner)
+    replicas = context.group.num_replicas
+    if replicas == 1:
+        return Route(None, layer, "a single replica: one device", replica=0)
+    if group is not None:
+        raise SyncBatchNormError(
+            f"BatchNorm layer '{layer}' runs in a DataParallel replica inside a process group of "
+            f"2+ ranks: autosyncbn synchronizes across the replicas of one process or across "
+            f"processes, not both at once. Use one process per GPU (DistributedDataParallel), "
+            f"or leave out install(distributed=True) to synchronize within each process only."
+        )
+    if not (context.plan.include_plain or explicit):
+        return Route(None, layer, "a plain layer under the explicit API (install() synchronizes it)",
+                     replica=context.index)
+    if context.excludes(owner):
+        return Route(None, layer, "excluded", replica=context.index)
+    context.mark_synchronized(owner)
+    return Route(context.group.exchange_for(context.index, layer, input.shape[1]), layer,
+                 f"{replicas} replicas", updates_running_stats=context.index == 0, replica=context.index)
 
 
 def _excluded_from_processes(owner: Optional[nn.Module], layer: str,
@@ -214,7 +228,7 @@ _COMPILE_MESSAGE = (
 
 def _tracing(input: Any) -> bool:
     """Is this call being traced (fake or functional tensors), not run?"""
-    return torch.compiler.is_compiling() or is_fake(input)
+    return torch.compiler.is_compiling() or (type(input) is not Tensor and is_fake(input))
 
 
 def _may_be_replica_call() -> bool:
@@ -232,6 +246,12 @@ FUNCTIONAL_BATCH_NORM = Patch(F, "batch_norm", wrapper=_wrap_functional_batch_no
 # -- warnings --------------------------------------------------------------------
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
+
+
+def forget_warnings() -> None:
+    """Each installation warns once per layer (patching calls this when it first applies)."""
+    with _warned_lock:
+        _warned.clear()
 
 
 def _warn_once(key: str, message: str) -> None:

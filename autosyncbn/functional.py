@@ -311,11 +311,12 @@ def sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
     Returns the output, the merged (2, C) (mean, biased variance) and the
     value count per channel. Every part sees the same total, so a whole batch
-    of one value per channel raises PyTorch's ``ValueError`` in every part alike.
+    of one value per channel raises PyTorch's ``ValueError`` in every part
+    alike; an empty whole batch gives empty outputs, as PyTorch does.
     """
     input_view, moments = _LocalMoments.apply(input)
     merged, total = exchange(values_per_channel(input), moments)
-    if total <= 1:
+    if total == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {total} value(s) per "
             f"channel over the whole batch (input size of this part {list(input.shape)})"
@@ -335,6 +336,6 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
     output, merged, total = sync_batch_norm(input, weight, bias, eps, exchange)
-    if updates_running_stats:
+    if updates_running_stats and total > 0:  # an empty whole batch leaves them, as PyTorch does
         update_running_stats(running_mean, running_var, merged, total, float(momentum))
     return output

@@ -77,6 +77,14 @@ class ReplicaGroup:
         with self._cond:
             return self._replicas[replica].done
 
+    def root_failure(self) -> Optional[tuple[int, BaseException]]:
+        """The first replica error that is not about synchronization itself (the real cause)."""
+        with self._cond:
+            for index, state in enumerate(self._replicas):
+                if state.error is not None and not isinstance(state.error, SyncBatchNormError):
+                    return index, state.error
+        return None
+
     def calls_made(self, replica: int) -> int:
         with self._cond:
             return self._replicas[replica].calls

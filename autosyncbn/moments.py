@@ -59,8 +59,10 @@ def local_moments(input: Tensor) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
     """n_i / N in float64, one per part (cached: a forward's calls usually share one split)."""
-    total = float(sum(counts)) or 1.0  # all-empty: zeros, and the caller raises
-    return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
+    total = float(sum(counts)) or 1.0  # all-empty: zeros (and nothing to normalize)
+    # Cached across calls: never an inference tensor, which backward could not save.
+    with torch.inference_mode(False):
+        return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
 
 
 def chan_merge(weights: Tensor, moments: Tensor) -> tuple[Tensor, Tensor]:

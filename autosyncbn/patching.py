@@ -12,10 +12,13 @@ directions; the table is applied while ``install()`` holds or any
   ``torch.nn.parallel.data_parallel``): each forward is decided there, once,
   before its replicas run (``replicas.run_parallel``).
 
-Scopes across threads: each ``patched()`` scope belongs to the thread that
-entered it and is counted; the last scope out restores, unless ``install()``
-holds. ``install()`` and ``uninstall()`` are kept apart from scopes: an
-``uninstall()`` inside someone's scope ends the explicit install only.
+Scopes across threads: patching is process-wide, so a scope makes every
+thread's DataParallel forwards synchronize while it is open; each thread sees
+the options of the innermost scope it entered (else ``install()``'s, else the
+most recent scope's), and the patches stay while any holder (``install()``, a
+scope, a running forward) is left.
+``install()`` and ``uninstall()`` are kept apart from scopes: an
+``uninstall()`` inside a scope ends the explicit install only.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch.nn.parallel
 
-from . import context, settings
-from .dispatch import FUNCTIONAL_BATCH_NORM
+from . import settings
+from .dispatch import FUNCTIONAL_BATCH_NORM, forget_warnings
 from .replicas import run_parallel
 from .settings import DEFAULT_TIMEOUT, LayerFilter, Options
 from .wrapping import Patch, SharedPatches
@@ -52,15 +55,16 @@ def _patch_table() -> list[Patch]:
 
 
 PATCHES = SharedPatches(_patch_table)
-"""The global patches, held by ``install()`` and by every open ``patched()`` scope."""
+"""The global patches, held by ``install()``, every open ``patched()`` scope and every
+DataParallel forward that started under them: the last holder restores."""
+settings.hold_patches_with(PATCHES)
 
 
-def _release(timeout: float) -> None:
-    """Let go of one hold (its options already withdrawn). The last one lets the forwards
-    that are running finish, up to ``timeout``, then restores the patches."""
-    if PATCHES.users == 1 and context.current() is None:
-        settings.wait_for_forwards(timeout)
-    PATCHES.release()
+def _acquire() -> None:
+    """Hold the patches; a fresh installation warns anew about unsynchronized layers."""
+    if PATCHES.users == 0:
+        forget_warnings()
+    PATCHES.acquire()
 
 
 def install(
@@ -89,7 +93,7 @@ def install(
     options = Options(timeout, exclude, distributed, process_group)
     with settings.lock():
         if settings.installed() is None:
-            PATCHES.acquire()
+            _acquire()
         else:
             PATCHES.reapply()
         settings.set_installed(options)
@@ -98,18 +102,19 @@ def install(
 def uninstall() -> None:
     """End ``install()``. A no-op when not installed.
 
-    When no ``patched()`` scope holds the patches either, forwards already
-    synchronizing finish first (up to their timeout), then the exact
-    original callables are restored: a concurrent training step is never
-    left half synchronized. Another library's wrapper on top of ours is
-    never torn: ours then stays beneath it as a pass-through.
+    New forwards stop synchronizing at once; the exact original callables
+    are restored when the last holder lets go (a ``patched()`` scope, or a
+    DataParallel forward still running, which finishes synchronized: a
+    concurrent training step is never left half synchronized). It never
+    waits. Another library's wrapper on top of ours is never torn: ours then
+    stays beneath it as a pass-through.
     """
     with settings.lock():
         options = settings.installed()
         if options is None:
             return
         settings.set_installed(None)  # new forwards stop synchronizing from here on
-        _release(options.timeout)
+        PATCHES.release()  # forwards still running hold the patches until they end
 
 
 def is_installed() -> bool:
@@ -127,9 +132,11 @@ def patched(
 ) -> Iterator[None]:
     """Synchronize BatchNorm for the ``with`` block only; options as :func:`install`.
 
-    Scopes nest and may overlap across threads: each thread sees the options
-    of the innermost scope it entered, and the patches stay until the last
-    scope (and ``install()``) lets go, even after an exception.
+    Patching is process-wide: while the block runs, DataParallel forwards in
+    every thread synchronize. Scopes nest and may overlap across threads: each
+    thread sees the options of the innermost scope it entered (else those of
+    ``install()``, else the most recent scope's), and the patches stay until
+    the last holder lets go, even after an exception.
 
     Examples::
 
@@ -138,11 +145,11 @@ def patched(
     """
     options = Options(timeout, exclude, distributed, process_group)
     with settings.lock():
-        PATCHES.acquire()
+        _acquire()
         token = settings.open_scope(options)
     try:
         yield
     finally:
         with settings.lock():
             settings.close_scope(token)
-            _release(options.timeout)
+            PATCHES.release()

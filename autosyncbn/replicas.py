@@ -25,7 +25,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import settings
 from .context import ReplicaContext, ReplicaPlan, entered
+from .context import current as current_context
 from .dispatch import warn_unreached
+from .errors import PeerFailedError, SyncBatchNormError
 from .group import ReplicaGroup
 
 T = TypeVar("T")
@@ -84,7 +86,7 @@ class ReplicaCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         group, index = self.context.group, self.context.index
         group.replica_started(index)
-        watched = _watched_layers(self.replica) if index == 0 else []
+        watched = _watched_layers(self.replica) if index == 0 and group.num_replicas > 1 else []
         try:
             with entered(self.context), _autocast(self.autocast):
                 output = self.replica(*args, **kwargs)
@@ -141,13 +143,33 @@ def run_forward(replicas: Sequence[Any], plan: ReplicaPlan, run: Callable[[list]
     """
     if not replicas or any(isinstance(r, ReplicaCall) for r in replicas):
         return run(list(replicas))
+    if not all(getattr(r, "_is_replica", False) for r in replicas):
+        return run(list(replicas))  # not copies of one model (an ensemble): nothing to synchronize
+    outer = current_context()
+    if outer is not None and outer.group.num_replicas > 1:
+        raise SyncBatchNormError(
+            "a DataParallel runs inside a replica of another DataParallel: its BatchNorm layers "
+            "could synchronize only within each outer replica's slice. Wrap only the outermost model."
+        )
     execute_replication_callbacks(replicas)
     _own_buffers(replicas)
     group = ReplicaGroup(len(replicas), plan.timeout)
     autocast = _autocast_state()
     calls = [ReplicaCall(replica, ReplicaContext(group, index, replica, plan), autocast)
              for index, replica in enumerate(replicas)]
-    return run(calls)
+    try:
+        return run(calls)
+    except PeerFailedError as peer_error:
+        # parallel_apply re-raises the first replica's error; when that replica only
+        # saw a peer fail, the peer's own exception is what the caller must see
+        # (a loop that catches out-of-memory errors still catches them).
+        root = group.root_failure()
+        if root is None:
+            raise
+        index, error = root
+        if hasattr(error, "add_note"):
+            error.add_note(f"(raised in DataParallel replica {index}; autosyncbn stopped its peers at once)")
+        raise error from peer_error
 
 
 def plan_of(options: Optional[settings.Options]) -> Optional[ReplicaPlan]:

@@ -61,7 +61,7 @@ class SyncReport:
         width = max(len(layer) for layer, *_ in rows)
         lines = [f"{'layer':<{width}}  {'calls':>5}  outcome"]
         for layer, synced, reason, calls in rows:
-            lines.append(f"{layer:<{width}}  {calls:>5}  {'synchronized' if synced else 'per slice'}: {reason}")
+            lines.append(f"{layer:<{width}}  {calls:>5}  {'synchronized' if synced else 'not synchronized'}: {reason}")
         return "\n".join(lines)
 
 

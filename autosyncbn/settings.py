@@ -1,13 +1,14 @@
 """What ``install()`` and ``patched()`` asked for, as seen from each thread.
 
-``install()`` holds one set of options; each ``patched()`` scope holds its
+Patching is process-wide, as PyTorch's functions are: while ``install()``
+holds or any ``patched()`` scope is open, DataParallel forwards in every
+thread synchronize. Options: ``install()`` holds one set; each scope holds its
 own, owned by the thread that entered it. A thread sees, in this order: the
 innermost scope it entered itself, else the options of ``install()``, else
-the most recent scope entered by any thread. The patches stay applied while
-``install()`` holds or any scope is open (``patching.py`` applies them).
-
-DataParallel forwards that started under these options are counted here, so
-``uninstall()`` can let them finish before the patches go away: a forward is
+those of the most recent scope entered by any thread. The patches stay applied while ``install()`` holds, any scope is
+open, or any DataParallel forward that started under options still runs:
+each such forward holds the patches (``forward_options``), so ``uninstall()``
+never waits and never takes them away from a forward in flight. A forward is
 synchronized wholly or not at all.
 """
 from __future__ import annotations
@@ -15,9 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 from contextlib import contextmanager
 from torch import nn
@@ -64,13 +64,14 @@ class Options:
         checked_exclude(self.exclude)
         if not isinstance(self.distributed, bool):
             raise TypeError(f"distributed must be True or False, got {self.distributed!r}")
+        if self.process_group is not None and not self.distributed:
+            raise ValueError("process_group is used only with distributed=True; pass both, or neither")
 
 
 _lock = threading.Condition(threading.RLock())
 _installed: Optional[Options] = None
 _scopes: dict[int, tuple[int, Options]] = {}  # token -> (thread id, options), in entry order
 _tokens = itertools.count()
-_forwards_in_flight = 0
 # Read without the lock (by every BatchNorm call, and by torch.compile's tracer):
 # rebuilt under the lock whenever the options change.
 _snapshot: tuple = (None, ())
@@ -139,32 +140,32 @@ def close_scope(token: int) -> None:
         _publish()
 
 
+class Holder(Protocol):
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+_patches: Optional[Holder] = None
+
+
+def hold_patches_with(patches: Holder) -> None:
+    """``patching`` hands over its patches, which every running forward then holds."""
+    global _patches
+    _patches = patches
+
+
 @contextmanager
 def forward_options() -> Iterator[Optional[Options]]:
-    """The options one DataParallel forward runs under, decided once, counted while it runs."""
-    global _forwards_in_flight
+    """The options one DataParallel forward runs under, decided once; it holds the patches meanwhile."""
     with _lock:
         options = current()
-        if options is not None:
-            _forwards_in_flight += 1
+        holds = options is not None and _patches is not None
+        if holds:
+            _patches.acquire()  # type: ignore[union-attr]
     try:
         yield options
     finally:
-        if options is not None:
+        if holds:
             with _lock:
-                _forwards_in_flight -= 1
-                _lock.notify_all()
-
-
-def wait_for_forwards(timeout: float) -> None:
-    """Block until no forward started under the options is running (at most ``timeout``).
-
-    Called with the lock held, after the options were withdrawn: no new forward
-    can start synchronizing, and those running finish on the patches they started with.
-    """
-    deadline = time.monotonic() + timeout
-    while _forwards_in_flight > 0:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        _lock.wait(min(remaining, 1.0))
+                _patches.release()  # type: ignore[union-attr]

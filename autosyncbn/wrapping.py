@@ -21,6 +21,7 @@ instrumentors and wrapt's own guide advise:
 """
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any, Callable, Iterable, Optional
 
@@ -33,7 +34,20 @@ _MISSING = object()
 
 
 class _AutosyncbnWrapper(wrapt.FunctionWrapper):
-    """A ``wrapt.FunctionWrapper`` that says it is autosyncbn's (found by identity in a chain)."""
+    """A ``wrapt.FunctionWrapper`` that says it is autosyncbn's (found by identity in a chain).
+
+    Copies follow what they wrap: a wrapped function is one object (the copy is
+    the wrapper itself); a wrapped bound method of an object being deep-copied
+    becomes a wrapper around that copy's method, so a copied DataParallel keeps
+    its hook (EMA helpers deep-copy the wrapped model).
+    """
+
+    def __copy__(self) -> "_AutosyncbnWrapper":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_AutosyncbnWrapper":
+        wrapped = copy.deepcopy(self.__wrapped__, memo)
+        return self if wrapped is self.__wrapped__ else type(self)(wrapped, self._self_wrapper)
 
 
 def _chain(value: Any) -> Iterable[Any]:

@@ -4,10 +4,12 @@
    are several): a training step, synchronized vs unsynchronized BatchNorm.
 2. Two processes over gloo on one GPU: a DDP training step with autosyncbn's
    layers vs torch.nn.SyncBatchNorm on the same model.
-Prepared to fit one 10-minute device call. Writes results/gpu.json.
+Prepared to fit the GPU check's window (``benchmarks/gpu_check.sh``). Writes
+gpu.json to ``--output`` (default: results/).
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import os
@@ -103,7 +105,7 @@ def two_processes(repeats: int) -> dict:
     return {"medians_s": medians, "ratio": ratio}
 
 
-def main(repeats: int = 20) -> dict:
+def main(repeats: int = 20, output: "str | None" = None) -> dict:
     if not torch.cuda.is_available():
         print("GPU benchmark: no CUDA device here; skipped (figures unmeasured)")
         return {"skipped": "no CUDA device"}
@@ -114,9 +116,13 @@ def main(repeats: int = 20) -> dict:
     except Exception as error:  # report, keep the DataParallel figures
         print(f"  2 processes on one GPU: failed: {type(error).__name__}: {error}")
         result["two_processes"] = {"error": f"{type(error).__name__}: {error}"}
-    write_json("gpu", result)
+    write_json("gpu", result, folder=output)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output", default=None, help="folder for gpu.json (default: benchmarks/results)")
+    parser.add_argument("--repeats", type=int, default=20)
+    arguments = parser.parse_args()
+    main(arguments.repeats, arguments.output)

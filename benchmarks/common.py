@@ -45,9 +45,10 @@ def machine() -> dict:
     }
 
 
-def write_json(name: str, payload: dict) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+def write_json(name: str, payload: dict, folder: Optional[str] = None) -> str:
+    folder = folder or RESULTS
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
     with open(path, "w") as handle:
         json.dump({"machine": machine(), **payload}, handle, indent=2)
     return path

@@ -237,6 +237,17 @@ def worker_subclass_and_compile(rank, world):
         torch.compile(copy.deepcopy(reference), backend="eager")(x)
     assert "convert_model" in str(info.value)
 
+    # DataParallel inside a process group cannot synchronize both ways: a clear error.
+    from autosyncbn.testing import EmulatedDataParallel
+
+    with autosyncbn.patched(distributed=True), pytest.raises(Exception, match="not both at once"):
+        EmulatedDataParallel(copy.deepcopy(reference), 2)(x)
+    # Eval mode with batch statistics stays local, as nn.SyncBatchNorm: rank 0 may evaluate alone.
+    lone = autosyncbn.convert_model(nn.Sequential(nn.SyncBatchNorm(4, track_running_stats=False))).eval()
+    if rank == 0:
+        lone(torch.randn(6, 4, 3, 3))
+    dist.barrier()
+
 
 def test_subclass_and_compile_over_a_process_group():
     run_ranks(worker_subclass_and_compile, 2, deadline=150)

@@ -273,11 +273,13 @@ def test_thousands_of_toggles_while_another_thread_trains():
             while time.monotonic() < deadline and not errors:
                 if toggles % 2:
                     with autosyncbn.patched():
-                        time.sleep(0)
+                        time.sleep(0.001)
                 else:
                     autosyncbn.install()
+                    time.sleep(0.001)
                     autosyncbn.uninstall()
                 toggles += 1
+                time.sleep(0.001)  # some forwards start while nothing is installed
         finally:
             stop.set()
             worker.join(30)
@@ -286,3 +288,148 @@ def test_thousands_of_toggles_while_another_thread_trains():
     assert toggles >= 2000, toggles
     assert outcomes["synchronized"] > 0 and outcomes["per-slice"] > 0, outcomes
     gc.collect()
+
+
+# -- found by review: each of these once gave wrong numbers, a hang or a spurious error -----------
+_FIRST_LAYER_DONE = threading.Event()
+
+
+class SleepsBetweenBatchNorms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.bn1(x)
+        _FIRST_LAYER_DONE.set()
+        time.sleep(0.5)
+        return self.bn2(h * 2)
+
+
+def test_uninstall_during_a_forward_lets_it_finish_synchronized():
+    model = SleepsBetweenBatchNorms()
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 4) + torch.arange(8.0).unsqueeze(1)
+    autosyncbn.install(timeout=0.1)
+    _FIRST_LAYER_DONE.clear()
+    threading.Thread(target=lambda: (_FIRST_LAYER_DONE.wait(5), autosyncbn.uninstall())).start()
+    start = time.monotonic()
+    out = EmulatedDataParallel(model, 2)(x)
+    assert_close_to_scale(out, reference(x), what="a forward that saw uninstall() half way")
+    deadline = time.monotonic() + 5
+    while autosyncbn.is_installed() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not autosyncbn.is_installed() and _snapshot() == PRISTINE
+    assert time.monotonic() - start < 5
+
+
+class Boom(Exception):
+    """An application's own exception type (say, out of memory) that a training loop catches."""
+
+
+def test_the_callers_exception_is_the_failing_replicas_own(installed):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Identity(), nn.BatchNorm1d(4))
+
+    def fail_in_the_small_slice(module, args, out):
+        if args[0].shape[0] == 1:
+            raise Boom("replica 3 ran out of something")
+
+    model[2].register_forward_hook(fail_in_the_small_slice)
+    with pytest.raises(Boom, match="ran out"):
+        EmulatedDataParallel(model, 4)(torch.randn(10, 3))
+
+
+def test_an_ensemble_through_parallel_apply_is_left_alone(installed):
+    from autosyncbn.patching import _wrap_parallel_apply
+    from autosyncbn.testing import _parallel_apply_on_cpu
+
+    a = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    b = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ref_a, ref_b = copy.deepcopy(a), copy.deepcopy(b)
+    xa, xb = torch.randn(6, 3), torch.randn(6, 3) * 4 + 3
+    out_a, out_b = _wrap_parallel_apply(_parallel_apply_on_cpu, None, ([a, b], [xa, xb], [{}, {}]), {})
+    assert torch.equal(out_a, ref_a(xa)) and torch.equal(out_b, ref_b(xb))
+    assert torch.equal(b[1].running_mean, ref_b[1].running_mean)
+
+
+def test_nested_data_parallel_is_refused_clearly(installed):
+    inner = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dp = EmulatedDataParallel(inner, 2)
+
+        def forward(self, x):
+            return self.dp(x)
+
+    with pytest.raises(autosyncbn.SyncBatchNormError, match="Wrap only the outermost model"):
+        EmulatedDataParallel(Outer(), 2)(torch.randn(8, 3, 4, 4))
+
+
+class MaskedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        keep = x[:, 0] > 0
+        out = x.clone()
+        out[keep] = self.bn(x[keep])
+        return out
+
+
+def test_an_empty_whole_batch_gives_empty_outputs_as_in_pytorch(installed):
+    model = MaskedHead()
+    reference = copy.deepcopy(model)
+    x = -torch.rand(8, 4)  # nothing selected anywhere
+    assert torch.equal(EmulatedDataParallel(model, 2)(x), reference(x))
+    assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+
+
+def test_cached_count_weights_are_never_inference_tensors():
+    """A forward under torch.inference_mode() must not leave a tensor that a later backward saves."""
+    from autosyncbn.moments import count_weights
+
+    with torch.inference_mode():
+        weights = count_weights((3, 5, 7), torch.device("cpu"))
+    assert not weights.is_inference()
+
+
+def test_a_batch_smaller_than_the_replicas_is_one_device_without_warning(installed):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    reference = copy.deepcopy(model)
+    x = torch.randn(1, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", autosyncbn.UnsynchronizedBatchNormWarning)
+        assert torch.equal(EmulatedDataParallel(model, 2)(x), reference(x))
+
+
+def test_a_copied_data_parallel_keeps_its_replication_hook():
+    parallel = EmulatedDataParallel(autosyncbn.convert_model(nn.Sequential(nn.BatchNorm1d(3))), 2)
+    autosyncbn.patch_replication_callback(parallel)
+    twin = copy.deepcopy(parallel)
+    reference = autosyncbn.revert_model(copy.deepcopy(parallel.module))
+    x = torch.randn(8, 3) + torch.arange(8.0).unsqueeze(1)
+    assert_close_to_scale(twin(x), reference(x))
+
+
+def test_a_scope_is_process_wide_and_its_options_are_its_threads():
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold_a_scope():
+        with autosyncbn.patched(timeout=7):
+            entered.set()
+            leave.wait(5)
+
+    holder = threading.Thread(target=hold_a_scope)
+    holder.start()
+    try:
+        entered.wait(5)
+        assert synchronizes()  # patching is process-wide, as PyTorch's functions are
+        with autosyncbn.patched(timeout=9):
+            assert autosyncbn.settings.current().timeout == 9  # this thread's own scope first
+        assert autosyncbn.settings.current().timeout == 7
+    finally:
+        leave.set()
+        holder.join(5)
