@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import os
+import platform
 import time
 from typing import Callable
 
@@ -183,6 +184,15 @@ def plot(history: dict, path: str) -> None:
     plt.close(fig)
 
 
+def machine_description() -> str:
+    """What the demo ran on, for the timing line."""
+    if torch.cuda.is_available():
+        where = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        where = f"{os.cpu_count()} CPU cores ({platform.machine()}), emulated replicas"
+    return f"{where}, PyTorch {torch.__version__}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=8, help="replicas (default 8)")
     parser.add_argument("--per-replica", type=int, default=2, help="samples per replica (default 2)")
@@ -214,6 +224,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"float32 round-off alone: a reference whose initial weights were nudged by 1e-7 ends "
           f"{history['baseline_logit_difference'][-1]:.2e} away from it (test logits). Differences grow "
           f"over many SGD steps in any run; the first step shows the synchronization itself.")
-    print(f"plot: {plot_path}   data: {os.path.join(args.output, 'history.json')}   "
-          f"time: {history['seconds']:.0f}s")
+    print(f"plot: {plot_path}   data: {os.path.join(args.output, 'history.json')}")
+    print(f"time: {history['seconds']:.0f} s on {machine_description()}")
     return 0

@@ -29,6 +29,7 @@ from .wrapping import Patch, SharedPatches
 __all__ = [
     "EmulatedDataParallel",
     "EmulatedDataParallelWithCallback",
+    "SavedTensorsLedger",
     "cpu_replicate",
     "emulated_data_parallel",
     "split_like_data_parallel",
@@ -275,3 +276,37 @@ def _parallel_apply_on_cpu(replicas: Sequence[nn.Module], inputs: Sequence[Any],
             output.reraise()
         outputs.append(output)
     return outputs
+
+
+class SavedTensorsLedger(nn.Module):
+    """Wraps a module and records what autograd saves for backward in each replica's thread.
+
+    ``saved_tensors_hooks`` are thread-local, so they are entered inside the
+    wrapped module's forward, in the replica's own thread. ``records`` holds
+    one ``(data pointer, bytes)`` per pack: a tensor saved twice is counted twice.
+
+    Examples::
+
+        >>> ledger = SavedTensorsLedger(nn.BatchNorm2d(16))
+        >>> EmulatedDataParallel(ledger, 4)(x).sum().backward()
+        >>> ledger.saved_bytes()
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.records: list = []
+        self._lock = threading.Lock()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            with self._lock:
+                self.records.append((tensor.data_ptr(), tensor.numel() * tensor.element_size()))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            return self.inner(*args, **kwargs)
+
+    def saved_bytes(self, larger_than: int = 0) -> int:
+        """Bytes packed (every pack counted), of the tensors larger than ``larger_than`` bytes."""
+        return sum(size for _, size in self.records if size > larger_than)

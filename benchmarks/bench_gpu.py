@@ -10,22 +10,18 @@ gpu.json to ``--output`` (default: results/).
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
+import contextlib
 import os
-import statistics
 import sys
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import autosyncbn  # noqa: E402
+from autosyncbn.processes import run_ranks  # noqa: E402
 from common import interleaved_medians, resnet_like, write_json  # noqa: E402
 
 
@@ -57,48 +53,24 @@ def data_parallel(repeats: int) -> dict:
     return rows
 
 
-def _rank(rank: int, world: int, init_file: str, repeats: int, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+def _rank(rank: int, world: int, repeats: int) -> dict:
     torch.cuda.set_device(0)
     torch.manual_seed(0)
     ours = nn.parallel.DistributedDataParallel(autosyncbn.convert_model(resnet_like(64, 6)).cuda())
     theirs = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(resnet_like(64, 6)).cuda())
     x = torch.randn(8, 3, 64, 64, device="cuda")
-    times: dict = {"autosyncbn": [], "nn.SyncBatchNorm": []}
-    for round_ in range(repeats + 2):
-        for name, model in (("autosyncbn", ours), ("nn.SyncBatchNorm", theirs)):
-            dist.barrier()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.zero_grad(set_to_none=True)
-            model(x).square().mean().backward()
-            torch.cuda.synchronize()
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
-    if rank == 0:
-        queue.put({name: statistics.median(values) for name, values in times.items()})
-    del ours, theirs
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    steps = {"autosyncbn": _cuda_step(ours, x), "nn.SyncBatchNorm": _cuda_step(theirs, x)}
+    return interleaved_medians(steps, repeats, warmup=2, scopes={name: _in_step for name in steps})
+
+
+@contextlib.contextmanager
+def _in_step():
+    dist.barrier()  # both ranks start each step together, outside the timed region
+    yield
 
 
 def two_processes(repeats: int) -> dict:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    with tempfile.TemporaryDirectory() as folder:
-        processes = [context.Process(target=_rank, args=(r, 2, os.path.join(folder, "rdv"), repeats, queue))
-                     for r in range(2)]
-        for process in processes:
-            process.start()
-        try:
-            medians = queue.get(timeout=300)
-        finally:
-            for process in processes:
-                process.join(60)
-                if process.is_alive():
-                    process.kill()
+    medians = run_ranks(_rank, 2, repeats, deadline=300, pg_timeout=120)[0]
     ratio = medians["autosyncbn"] / medians["nn.SyncBatchNorm"]
     print(f"  2 processes on one GPU over gloo: nn.SyncBatchNorm {medians['nn.SyncBatchNorm'] * 1e3:7.2f} ms"
           f"   autosyncbn {medians['autosyncbn'] * 1e3:7.2f} ms   ratio {ratio:.3f}x")

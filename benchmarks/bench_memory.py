@@ -11,38 +11,25 @@ import torch
 from torch import nn
 
 import autosyncbn
-from autosyncbn.testing import EmulatedDataParallel
+from autosyncbn.testing import EmulatedDataParallel, SavedTensorsLedger
 from common import write_json
 
 SHAPES = {"(16, 64, 32, 32)": (16, 64, 32, 32), "(32, 256)": (32, 256), "(4, 16, 8, 16, 16)": (4, 16, 8, 16, 16)}
 
 
-class _CountSaved(nn.Module):
-    def __init__(self, inner: nn.Module, ledger: list) -> None:
-        super().__init__()
-        self.inner, self.ledger = inner, ledger
-
-    def forward(self, x):
-        def pack(t):
-            self.ledger.append((t.data_ptr(), t.numel() * t.element_size()))
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return self.inner(x)
-
-
 def measure(layer: nn.Module, x: torch.Tensor, replicas: int) -> dict:
-    ledger: list = []
-    EmulatedDataParallel(_CountSaved(layer, ledger), replicas)(x.clone().requires_grad_()).sum().backward()
+    ledger = SavedTensorsLedger(layer)
+    EmulatedDataParallel(ledger, replicas)(x.clone().requires_grad_()).sum().backward()
+    records = ledger.records
     vector_bytes = x.shape[1] * 8  # a per-channel vector, float64 at most
     unique = {}
-    for pointer, size in ledger:
+    for pointer, size in records:
         unique[pointer] = max(unique.get(pointer, 0), size)
     return {
-        "packed": sum(size for _, size in ledger),
+        "packed": ledger.saved_bytes(),
         "unique": sum(unique.values()),
-        "activation_sized": sum(size for _, size in ledger if size > vector_bytes),
-        "per_channel_vectors": sum(1 for _, size in ledger if size <= vector_bytes),
+        "activation_sized": ledger.saved_bytes(larger_than=vector_bytes),
+        "per_channel_vectors": sum(1 for _, size in records if size <= vector_bytes),
     }
 
 

@@ -6,36 +6,13 @@ import torch
 from torch import nn
 
 import autosyncbn
-from autosyncbn.testing import EmulatedDataParallel
-
-
-class CountSavedBytes(nn.Module):
-    """Counts what autograd packs for backward inside each replica's thread.
-
-    ``saved_tensors_hooks`` are thread-local, so they are entered inside the
-    replica's forward, in the replica's own thread. Every pack is counted,
-    even a second pack of the same storage.
-    """
-
-    def __init__(self, inner: nn.Module, ledger: list) -> None:
-        super().__init__()
-        self.inner = inner
-        self.ledger = ledger
-
-    def forward(self, x):
-        def pack(t):
-            self.ledger.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return self.inner(x)
+from autosyncbn.testing import EmulatedDataParallel, SavedTensorsLedger
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor, replicas: int) -> list:
-    ledger: list = []
-    out = EmulatedDataParallel(CountSavedBytes(layer, ledger), replicas)(x.requires_grad_())
-    out.sum().backward()
-    return ledger
+    ledger = SavedTensorsLedger(layer)
+    EmulatedDataParallel(ledger, replicas)(x.requires_grad_()).sum().backward()
+    return [size for _, size in ledger.records]
 
 
 @pytest.mark.parametrize("shape,replicas", [((8, 16, 12, 12), 4), ((6, 32), 3), ((4, 8, 3, 6, 6), 2)])
