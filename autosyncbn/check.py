@@ -3,8 +3,8 @@
 Runs a BatchNorm model under DataParallel on every visible GPU (or on
 emulated CPU replicas when there is none) with ``autosyncbn`` installed, and
 compares output, gradients and running statistics with one device running the
-whole batch. Prints a table of errors and the time overhead against
-unsynchronized BatchNorm; exits 1 on a mismatch.
+whole batch. Prints which layers synchronized (``sync_report``), a table of errors and the
+time overhead against unsynchronized BatchNorm; exits 1 on a mismatch.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import patching
+from .report import SyncReport, sync_report
 from .testing import EmulatedDataParallel
 
 
@@ -113,10 +114,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error allowed")
 
 
+def what_synchronized(replicas: int, batch: int) -> SyncReport:
+    """One training forward under ``sync_report``: which layers synchronized, and why not."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _model().to(device)
+    model[7].eval()  # one layer in eval mode, to show a layer that is not synchronized
+    with patching.patched(), sync_report() as report:
+        _parallel(model, replicas)(torch.randn(batch, 3, 12, 12, device=device))
+    return report
+
+
 def main(args: argparse.Namespace) -> int:
     where = (f"{torch.cuda.device_count()} CUDA device(s): {torch.cuda.get_device_name(0)}"
              if torch.cuda.is_available() else "no GPU: emulated CPU replicas")
     print(f"autosyncbn check: {args.replicas} replicas, batch {args.batch}, on {where}")
+    print("what synchronized in one forward (the last layer set to eval mode):")
+    print(what_synchronized(args.replicas, args.batch))
+    print()
     errors = compare(args.replicas, args.batch)
     print(f"{'quantity':<14} {'max rel. error':>15}  status")
     failed = False

@@ -232,12 +232,21 @@ def _tracing(input: Any) -> bool:
 
 
 def _may_be_replica_call() -> bool:
-    """Outside a prepared replica: is the caller a DataParallel replica's module? (Warned about.)"""
+    """Outside a prepared replica: is the caller a DataParallel replica's module? (Warned about.)
+
+    Replicas run in worker threads, and checkpointed replica modules recompute
+    inside backward: the main thread outside backward skips the frame walk.
+    """
     if torch.compiler.is_compiling():
+        return False
+    if threading.current_thread() is _MAIN_THREAD and _current_backward_node() is None:
         return False
     owner = calling_module()
     return owner is not None and bool(owner.__dict__.get("_is_replica", False))
 
+
+_MAIN_THREAD = threading.main_thread()
+_current_backward_node = getattr(torch._C, "_current_autograd_node", lambda: True)
 
 FUNCTIONAL_BATCH_NORM = Patch(F, "batch_norm", wrapper=_wrap_functional_batch_norm)
 """The patch of ``torch.nn.functional.batch_norm`` that ``install()`` applies."""

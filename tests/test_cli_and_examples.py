@@ -33,6 +33,8 @@ def test_check_passes_and_prints_a_table(capsys):
     printed = capsys.readouterr().out
     for row in ("output", "input grad", "weight grad", "bias grad", "running_mean", "running_var", "all match"):
         assert row in printed
+    # Which layers synchronized, and why the one in eval mode did not.
+    assert "synchronized: 3 replicas" in printed and "eval mode" in printed
 
 
 def test_check_fails_on_a_mismatch(capsys, monkeypatch):
@@ -50,6 +52,20 @@ def test_example_runs(example):
                             capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()
+
+
+@pytest.mark.timeout(120)
+def test_the_readmes_ci_example_passes_with_the_plugin():
+    """The complete test file of the README's CI section, run as a user runs it."""
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "ci" / "test_model_on_cpu_replicas.py").read_text()
+    body = example.split('"""', 2)[2].strip()
+    assert body in readme, "the README's CI example and examples/ci must be the same file"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(ROOT / "examples" / "ci")], cwd=ROOT / "examples" / "ci",
+                            capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "2 passed" in result.stdout
 
 
 @pytest.mark.timeout(300)
