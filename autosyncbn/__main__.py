@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import check, demo, migrate
+
 
 def main(argv: "list[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autosyncbn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    from . import check, demo, migrate
 
     demo.add_arguments(commands.add_parser("demo", help="train on digits three ways and compare"))
     check.add_arguments(commands.add_parser("check", help="self-test on this machine's devices"))

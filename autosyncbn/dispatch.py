@@ -17,9 +17,12 @@ answers, in this order:
 5. anything else: PyTorch's own call. A replica that autosyncbn did not
    prepare is warned about, once per layer.
 
-Under ``torch.compile`` a call that would synchronize runs eagerly behind a
-graph break, so compiled models synchronize exactly as eager ones; a call
-that cannot synchronize is traced as PyTorch's own (no extra graph break).
+Under ``torch.compile``: autosyncbn's own layers, when they could synchronize,
+run eagerly behind a graph break, so they synchronize exactly as eager ones.
+``F.batch_norm`` itself is one operator to the compiler, traced on fake
+tensors: a call of it that would have to synchronize raises a clear error at
+the first call instead of compiling to per-slice statistics. A call that
+cannot synchronize is traced as PyTorch's own (no extra graph break).
 """
 from __future__ import annotations
 
