@@ -85,10 +85,6 @@ class ReplicaGroup:
                     return index, state.error
         return None
 
-    def calls_made(self, replica: int) -> int:
-        with self._cond:
-            return self._replicas[replica].calls
-
     # -- called by each synchronized call ----------------------------------------
     def exchange_for(self, replica: int, layer: str, channels: int) -> Exchange:
         """The exchange of replica ``replica``'s next synchronized call (numbered from 0)."""

@@ -4,9 +4,15 @@
 the synchronized path would never run. :class:`EmulatedDataParallel` is an
 ``nn.DataParallel`` whose N "devices" are all the CPU: the input is split as
 DataParallel splits it, the module is replicated by PyTorch's own
-``replicate`` (through ``nn.DataParallel.replicate``, so ``autosyncbn.install()``
-sees it), and each replica runs in its own thread, as ``parallel_apply`` does,
+``replicate`` (through ``nn.DataParallel.replicate``), and the replicas go
+through the same per-forward decision as a real ``parallel_apply`` under
+``autosyncbn.install()`` (``replicas.run_parallel``), each in its own thread
 with the caller's grad mode and autocast state carried in.
+
+Also here: :class:`EmulatedDataParallelWithCallback` (the explicit API on CPU
+replicas) and :class:`SavedTensorsLedger` (what autograd saves in each replica).
+Real processes: ``autosyncbn.processes.run_ranks``; fixtures for pytest:
+``autosyncbn.pytest_plugin``.
 """
 from __future__ import annotations
 

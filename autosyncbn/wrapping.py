@@ -92,9 +92,6 @@ class Patch:
         """What the attribute resolves to now (through the class hierarchy)."""
         return getattr(self.owner, self.attribute, None)
 
-    def is_ours(self, value: Any) -> bool:
-        return value is not None and value is self._installed
-
     def is_live(self) -> bool:
         """Our wrapper is on and reachable from the attribute (maybe under others')."""
         if not self.active or self._installed is None:
@@ -166,10 +163,6 @@ class SharedPatches:
     @property
     def users(self) -> int:
         return self._users
-
-    @property
-    def patches(self) -> list[Patch]:
-        return list(self._patches)
 
     def acquire(self) -> None:
         with self.lock:
