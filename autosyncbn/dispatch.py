@@ -85,6 +85,8 @@ def decide(input: Tensor, owner: Optional[nn.Module], explicit: bool, process_gr
                      updates_running_stats=True)
     if owner is not None and owner.__dict__.get("_is_replica", False) and settings.active():
         layer = qualified_name(owner)
+        if owner.__dict__.get(EXCLUDED_ATTRIBUTE, False):
+            return Route(None, layer, "excluded")
         _warn_once(f"unprepared:{layer}",
                    f"BatchNorm layer '{layer}' ran in a DataParallel replica that autosyncbn did "
                    f"not prepare: its forward started before install(), or its DataParallel runs "

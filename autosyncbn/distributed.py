@@ -5,7 +5,7 @@ Works on every backend PyTorch's collectives support: gloo on CPU (where
 chain rule are ``functional._MergeOverTransport``; this module only moves
 values and checks that ranks agree.
 
-Every collective is one all-gather of a fixed-size float64 record per rank:
+Every synchronized call starts with one all-gather of a fixed-size float64 record per rank:
 a header (direction, call number, channel count, value count, layer
 fingerprint) and up to 512 channels of two per-channel vectors, zero-padded.
 Forward sends the rank's (mean, var); backward sends the gradients of the

@@ -18,8 +18,8 @@ The merge is one of two autograd Functions, which share the forward
   replica's backward in one thread).
 - ``_MergeOverTransport``: the other parts live in other processes. Forward
   gathers the moments through a transport; backward sums the 2C gradients of
-  the merged mean and variance through it (one collective), then applies the
-  same chain rule.
+  the merged mean and variance through it (one collective; two past 512
+  channels), then applies the same chain rule.
 
 The input is saved once, by ``_LocalMoments``; ``_NormalizeWithStats``
 borrows it, so a layer saves what ``nn.BatchNorm`` saves: the input plus

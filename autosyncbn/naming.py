@@ -6,8 +6,10 @@ is an ``nn.Module`` (``_BatchNorm.forward``, timm's ``BatchNormAct2d``, a
 conditional BatchNorm's forward) is the owner. Its qualified name comes from
 ``convert_model`` when that named it, else from the chain of modules on the
 stack (each one found among its caller's children), cached on the module.
-Frames are read only where a call synchronizes or is reported, never on the
-fast path of a call outside every replica.
+Frames are read where a call synchronizes or is reported, and, to catch
+replicas autosyncbn did not prepare, for training calls outside every replica
+made from a worker thread or inside backward; never for a call in the main
+thread outside backward when no process group is asked for.
 """
 from __future__ import annotations
 

@@ -77,8 +77,9 @@ def install(
     """Synchronize every batch-statistics computation in ``nn.DataParallel`` replicas.
 
     Patches ``torch.nn.functional.batch_norm`` and ``parallel_apply`` (see the
-    module docstring). Calling it again only updates the options (and puts
-    back a patch that another library removed). Bad options raise here.
+    module docstring). Calling it again only updates the options. Every call
+    puts back any of our patches that another library removed. Bad options
+    raise here.
 
     Args:
         timeout: seconds a replica waits for its peers at one BatchNorm call
@@ -94,8 +95,7 @@ def install(
     with settings.lock():
         if settings.installed() is None:
             _acquire()
-        else:
-            PATCHES.reapply()
+        PATCHES.reapply()  # puts back any of our patches another library removed
         settings.set_installed(options)
 
 

@@ -12,8 +12,9 @@ place that sees all replicas at once. :func:`run_forward`
    whole call (pre-hooks, forward, hooks, re-entrant calls) and reports its
    end or its error to the group, so peers never wait for a replica that
    cannot come;
-4. after the replicas ran, warns about any BatchNorm layer of replica 0 that
-   should have synchronized but counted a step without calling F.batch_norm.
+4. when replica 0's call ends (in its thread), warns about any of its
+   BatchNorm layers that should have synchronized but counted a step without
+   calling F.batch_norm.
 """
 from __future__ import annotations
 
