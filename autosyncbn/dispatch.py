@@ -241,9 +241,8 @@ def _may_be_replica_call() -> bool:
 
     Replicas run in worker threads, and checkpointed replica modules recompute
     inside backward: the main thread outside backward skips the frame walk.
+    (Called only for calls that are run, not traced.)
     """
-    if torch.compiler.is_compiling():
-        return False
     if threading.current_thread() is _MAIN_THREAD and _current_backward_node() is None:
         return False
     owner = calling_module()

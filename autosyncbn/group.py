@@ -41,7 +41,6 @@ class _Slot:
 @dataclass
 class _ReplicaState:
     calls: int = 0
-    started: bool = False
     done: bool = False
     error: Optional[BaseException] = None
 
@@ -60,11 +59,7 @@ class ReplicaGroup:
         self._slots: dict[int, _Slot] = {}
         self._replicas = [_ReplicaState() for _ in range(num_replicas)]
 
-    # -- lifecycle, reported by each replica's call wrapper --------------------
-    def replica_started(self, replica: int) -> None:
-        with self._cond:
-            self._replicas[replica].started = True
-
+    # -- the end of each replica's call, reported by its call wrapper ----------
     def replica_finished(self, replica: int, error: Optional[BaseException] = None) -> None:
         """Mark a replica's call as ended, so peers waiting for it wake up at once."""
         with self._cond:

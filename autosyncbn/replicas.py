@@ -4,20 +4,22 @@ Everything here starts in the caller's thread, after ``replicate`` made the
 replicas and right where ``parallel_apply`` is about to run them: the one
 place that sees all replicas at once. :func:`run_forward`
 
-1. runs the classic replication callbacks (``__data_parallel_replicate__``);
-2. gives replicas listed on the device of replica 0 buffers of their own
-   (a device named twice in ``device_ids`` would otherwise share them);
-3. makes the forward's ``ReplicaGroup`` and one :class:`ReplicaCall` per
+1. walks every replica's modules once (:func:`prepare_replicas`): the
+   classic replication callbacks (``__data_parallel_replicate__``), buffers
+   of their own for replicas on replica 0's device (a device named twice in
+   ``device_ids`` would otherwise share them), and replica 0's layers to watch;
+2. makes the forward's ``ReplicaGroup`` and one :class:`ReplicaCall` per
    replica, which enters the replica's context in its thread around the
    whole call (pre-hooks, forward, hooks, re-entrant calls) and reports its
    end or its error to the group, so peers never wait for a replica that
    cannot come;
-4. when replica 0's call ends (in its thread), warns about any of its
+3. when replica 0's call ends (in its thread), warns about any of its
    BatchNorm layers that should have synchronized but counted a step without
    calling F.batch_norm.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
@@ -38,33 +40,38 @@ class CallbackContext:
     """Shared by the copies of one module across replicas (classic ``sync_batchnorm`` API)."""
 
 
-def execute_replication_callbacks(replicas: Sequence[nn.Module]) -> None:
-    """Call ``__data_parallel_replicate__(ctx, copy_id)`` on every module that defines it.
+def prepare_replicas(replicas: Sequence[nn.Module]) -> list[tuple[_BatchNorm, int]]:
+    """One walk over every replica's modules, before any replica runs.
 
-    The j-th module of every replica shares one context, as in the classic
-    ``sync_batchnorm`` package, so third-party modules written for it work.
+    - Calls ``__data_parallel_replicate__(ctx, copy_id)`` on every module that
+      defines it; the j-th module of every replica shares one context, as in
+      the classic ``sync_batchnorm`` package, so modules written for it work.
+    - Gives replicas after the first copies of buffers they share with replica
+      0: a device listed twice in ``device_ids`` gets the source tensors
+      themselves from PyTorch's broadcast, while replica 0 alone updates
+      running statistics and ``num_batches_tracked`` must count each step once.
+    - Returns replica 0's training BatchNorm layers with the version of their
+      step counter: a layer that runs counts its step
+      (``num_batches_tracked.add_(1)``), which bumps that version, and reading
+      a version never waits for a GPU.
     """
-    contexts = [CallbackContext() for _ in replicas[0].modules()]
+    first_buffers = {id(b) for b in replicas[0].buffers()}
+    contexts: list = []
+    watched = []
     for copy_id, replica in enumerate(replicas):
         for index, module in enumerate(replica.modules()):
+            if copy_id == 0:
+                contexts.append(CallbackContext())
+                if isinstance(module, _BatchNorm) and module.training and module.num_batches_tracked is not None:
+                    watched.append((module, module.num_batches_tracked._version))
+            else:
+                for key, buffer in module._buffers.items():
+                    if buffer is not None and id(buffer) in first_buffers:
+                        module._buffers[key] = buffer.clone()
             callback = getattr(module, "__data_parallel_replicate__", None)
             if callback is not None:
                 callback(contexts[index], copy_id)
-
-
-def _own_buffers(replicas: Sequence[nn.Module]) -> None:
-    """Replicas after the first get copies of buffers they share with replica 0.
-
-    A device listed twice in ``device_ids`` gets the source tensors themselves
-    from PyTorch's broadcast; replica 0 alone updates running statistics, and
-    ``num_batches_tracked`` must count each step once.
-    """
-    first = {id(b) for b in replicas[0].buffers()}
-    for replica in replicas[1:]:
-        for module in replica.modules():
-            for key, buffer in module._buffers.items():
-                if buffer is not None and id(buffer) in first:
-                    module._buffers[key] = buffer.clone()
+    return watched
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -74,28 +81,34 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
 
 
 class ReplicaCall:
-    """Calls replica ``index`` inside its context; ``parallel_apply`` calls it as the module."""
+    """Calls replica ``index`` inside its context; ``parallel_apply`` calls it as the module.
 
-    def __init__(self, replica: nn.Module, context: ReplicaContext, autocast: list) -> None:
+    ``watched``: replica 0's layers to check, once its call ends, for a step
+    taken without F.batch_norm (see :func:`prepare_replicas`).
+    """
+
+    def __init__(self, replica: nn.Module, context: ReplicaContext, autocast: list,
+                 watched: Sequence[tuple[_BatchNorm, int]] = ()) -> None:
         self.replica = replica
         self.context = context
         self.autocast = autocast
+        self.watched = watched
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.replica, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         group, index = self.context.group, self.context.index
-        group.replica_started(index)
-        watched = _watched_layers(self.replica) if index == 0 and group.num_replicas > 1 else []
         try:
-            with entered(self.context), _autocast(self.autocast):
+            with entered(self.context), contextlib.ExitStack() as stack:
+                for device, dtype in self.autocast:  # parallel_apply drops the caller's dtype
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
                 output = self.replica(*args, **kwargs)
         except BaseException as error:
             group.replica_finished(index, error)
             raise
         group.replica_finished(index)
-        for layer, version in watched:
+        for layer, version in self.watched:
             if layer.num_batches_tracked._version != version and self._should_have_synchronized(layer):
                 warn_unreached(self.context, layer)
         return output
@@ -105,34 +118,6 @@ class ReplicaCall:
         if id(layer) in context.synchronized or context.excludes(layer):
             return False
         return context.plan.include_plain or bool(getattr(layer, "_autosyncbn_explicit", False))
-
-
-def _watched_layers(replica: nn.Module) -> list[tuple[_BatchNorm, int]]:
-    """Replica 0's training BatchNorm layers and the version of their step counter.
-
-    A layer that ran counts its step (``num_batches_tracked.add_(1)``), which
-    bumps the counter's version; reading a version never waits for a GPU.
-    """
-    return [
-        (module, module.num_batches_tracked._version)
-        for module in replica.modules()
-        if isinstance(module, _BatchNorm) and module.training and module.num_batches_tracked is not None
-    ]
-
-
-class _autocast:
-    """Re-enter the caller's autocast dtypes inside a replica thread."""
-
-    def __init__(self, state: list) -> None:
-        self.contexts = [torch.autocast(device, dtype=dtype) for device, dtype in state]
-
-    def __enter__(self) -> None:
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
 
 
 def run_forward(replicas: Sequence[Any], plan: ReplicaPlan, run: Callable[[list], T]) -> T:
@@ -152,11 +137,11 @@ def run_forward(replicas: Sequence[Any], plan: ReplicaPlan, run: Callable[[list]
             "a DataParallel runs inside a replica of another DataParallel: its BatchNorm layers "
             "could synchronize only within each outer replica's slice. Wrap only the outermost model."
         )
-    execute_replication_callbacks(replicas)
-    _own_buffers(replicas)
+    watched = prepare_replicas(replicas)
     group = ReplicaGroup(len(replicas), plan.timeout)
     autocast = _autocast_state()
-    calls = [ReplicaCall(replica, ReplicaContext(group, index, replica, plan), autocast)
+    calls = [ReplicaCall(replica, ReplicaContext(group, index, replica, plan), autocast,
+                         watched if index == 0 and len(replicas) > 1 else ())
              for index, replica in enumerate(replicas)]
     try:
         return run(calls)

@@ -102,8 +102,11 @@ class Patch:
 
     def underlying(self) -> Any:
         """What runs below our wrapper: the attribute itself when we are not in its chain."""
-        if self._installed is not None and self.replacement is None and self.is_live():
-            return self._installed.__wrapped__
+        installed = self._installed
+        if installed is not None and self.replacement is None and self.active:
+            # The usual case first (ours is the attribute): no walk down the chain.
+            if vars(self.owner).get(self.attribute) is installed or self.is_live():
+                return installed.__wrapped__
         return self.current()
 
     # -- apply / restore ---------------------------------------------------------
