@@ -2,33 +2,41 @@
 
 All BatchNorm math of autosyncbn lives here and in ``moments.py``; the two
 backends only move values (``group.py`` between replica threads,
-``distributed.py`` between processes). One synchronized call is::
+``distributed.py`` between processes). One synchronized layer call, in each
+part of the batch (a replica thread or a process)::
 
-    each part:  x --_LocalMoments--> (x view, moments_i = [mean_i; var_i])
-    merge:      (n_i, moments_i of every part) --Chan--> moments = [mean; var]
-    each part:  (x view, mean, var, weight, bias) --_NormalizeWithStats--> y
+    local_moments(x_i)                  this slice's (mean_i, var_i): one pass, no autograd
+    exchange                            the whole batch's (mean, var): Chan's merge of every
+                                        part's moments, in one LayerCall per layer call
+    _MergeStatistics(x_1 .. x_P)        one autograd node for the parts in this process:
+        -> stats_1 .. stats_P           a copy of (mean, var) for each part
+    _Normalize(x_i, stats_i, w, b)      PyTorch's eval kernel with those statistics
+        -> y_i
 
-The merge is one of two autograd Functions, which share the forward
-(``moments.chan_merge``) and the chain rule (``moments.merge_gradients``):
+Backward runs the same way back. Each ``_Normalize`` sums dy and dy * xhat
+over its slice (one pass) and returns the gradient of its statistics and of
+weight and bias; ``_MergeStatistics`` adds those gradients over every part
+(threads: here, in part order; processes: one collective of 2C values) and
+forms every part's dx in one more pass:
 
-- ``_MergeReplicas``: every part lives in this process (DataParallel replica
-  threads). One node takes all replicas' moments and returns the merged
-  statistics to each, so backward sums their gradients with no barrier (a
-  barrier in backward would deadlock on CPU, where autograd runs every
-  replica's backward in one thread).
-- ``_MergeOverTransport``: the other parts live in other processes. Forward
-  gathers the moments through a transport; backward sums the 2C gradients of
-  the merged mean and variance through it (one collective; two past 512
-  channels), then applies the same chain rule.
+    dx = scale * dy + g_mean / N + 2 g_var (x - mean) / N,   scale = weight / std
 
-The input is saved once, by ``_LocalMoments``; ``_NormalizeWithStats``
-borrows it, so a layer saves what ``nn.BatchNorm`` saves: the input plus
-per-channel vectors. With ``create_graph=True`` the backward passes use
-differentiable ops, so double backward (gradient penalties) works.
+dy's direct share (``scale * dy``) is left to ``_MergeStatistics`` by
+``_Normalize`` (a private hand-over, tagged with the backward pass) so dx is
+formed in one place, in two passes as ``nn.BatchNorm``'s backward does. Every
+backward node of the thread path is one node per part plus one per layer
+call: on CPU, autograd runs all replicas' backward in one thread, so nothing
+in backward waits for a peer.
+
+Each part saves only its input (in its own thread) plus per-channel vectors,
+what ``nn.BatchNorm`` saves. With ``create_graph=True`` backward uses
+differentiable ops (and recomputes the mean from the inputs), so double
+backward (gradient penalties) works in replica threads.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Sequence
+import weakref
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -39,15 +47,10 @@ from .moments import (
     channel_view_shape,
     count_weights,
     local_moments,
-    merge_gradients,
     reduction_dims,
     update_running_stats,
     values_per_channel,
 )
-
-Exchange = Callable[[int, Tensor], "tuple[Tensor, int]"]
-"""``(count, moments_i)`` of this part -> the merged (2, C) ``(mean, biased var)`` and the
-total count, autograd-connected to every part's moments."""
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -63,6 +66,18 @@ class MomentsTransport(Protocol):
 
     def sum_gradients(self, grad: Tensor) -> Tensor:
         """The (2, C) gradient of the merged (mean, var), summed over every part."""
+
+
+class Share(NamedTuple):
+    """What an exchange hands one part: its copy of the statistics, the layer call, its index."""
+
+    stats: Tensor
+    call: "LayerCall"
+    part: int
+
+
+Exchange = Callable[[Tensor, int, Tensor, float], Share]
+"""``(input, count, moments, eps)`` of this part -> its :class:`Share` of the merged statistics."""
 
 
 # -- argument checks: PyTorch's errors, raised before any peer is involved -----
@@ -95,124 +110,174 @@ def check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: 
             )
 
 
-# -- local moments ---------------------------------------------------------------
-class _LocalMoments(torch.autograd.Function):
-    """x -> (x, [mean_i; var_i]) of this slice; backward adds the statistics' share of dx."""
-
-    @staticmethod
-    def forward(ctx: Any, input: Tensor) -> tuple[Tensor, Tensor]:
-        moments = local_moments(input)
-        ctx.count = values_per_channel(input)
-        ctx.save_for_backward(input, moments)
-        return input.view_as(input), moments
-
-    @staticmethod
-    def backward(ctx: Any, grad_input: Optional[Tensor], grad_moments: Optional[Tensor]) -> Tensor:
-        input, moments = ctx.saved_tensors
-        if grad_moments is None:
-            grad_moments = torch.zeros_like(moments)
-        if grad_input is None:
-            grad_input = torch.zeros_like(input)
-        # d mean_i/dx = 1/n and d var_i/dx = 2 (x - mean_i)/n:
-        # dx += slope * (x - mean_i) + offset. Centred first: with a large mean,
-        # slope * x - slope * mean_i would cancel away the digits that matter.
-        count = max(ctx.count, 1)
-        mean = moments[0]
-        slope = grad_moments[1] * (2.0 / count)
-        offset = grad_moments[0] / count
-        shape = channel_view_shape(input)
-        if torch.is_grad_enabled():  # create_graph: keep it differentiable
-            centred = input.to(mean.dtype) - mean.view(shape)
-            return (grad_input + centred * slope.view(shape) + offset.view(shape)).to(input.dtype)
-        if input.dtype != mean.dtype:  # half input: accumulate in float32
-            statistics_share = torch.addcmul(offset.view(shape), input.to(mean.dtype) - mean.view(shape),
-                                             slope.view(shape))
-        else:
-            statistics_share = centred_affine(input, mean, slope, offset)
-        # The incoming gradient is _NormalizeWithStats' fresh tensor, consumed only here.
-        return grad_input.to(mean.dtype).add_(statistics_share).to(input.dtype)
-
-
-def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``(input - centre) * scale + shift`` per channel, in one fused pass.
-
-    PyTorch's eval-mode BatchNorm kernel computes exactly this with a unit
-    variance and no eps, subtracting the centre before it scales.
-    """
-    return torch.native_batch_norm(input, scale, shift, centre, torch.ones_like(centre), False, 0.0, 0.0)[0]
-
-
-# -- merges ----------------------------------------------------------------------
+# -- one layer call ---------------------------------------------------------------
 def _on(device: torch.device, tensor: Tensor) -> Tensor:
     return tensor if tensor.device == device else tensor.to(device)
 
 
-class _MergeReplicas(torch.autograd.Function):
-    """Every replica's moments -> the merged moments on every replica's device (one node)."""
+class LayerCall:
+    """One synchronized layer call in this process: the merged statistics and what backward hands over.
 
-    @staticmethod
-    def forward(ctx: Any, counts: tuple[int, ...], *moments: Tensor) -> tuple[Tensor, ...]:
-        device, dtype = moments[0].device, moments[0].dtype
-        # float64 on per-channel vectors: the merge adds no error of its own.
-        stacked = torch.stack([_on(device, m) for m in moments]).double()
-        weights = count_weights(counts, device)
-        merged, ctx.deviation = chan_merge(weights, stacked)
-        merged = merged.to(dtype)
-        ctx.counts = counts
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*moments)
-        # A distinct tensor per replica: each receives its own gradient, and backward
-        # sums them in replica order, so results do not depend on thread timing.
-        return tuple(merged if i == 0 else merged.to(m.device, copy=True) for i, m in enumerate(moments))
+    Holds no autograd node strongly (``_Normalize`` nodes only by weak
+    reference), so a graph never keeps itself alive through it.
+    """
 
-    @staticmethod
-    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        moments = ctx.saved_tensors
-        device, dtype = moments[0].device, moments[0].dtype
-        weights = count_weights(ctx.counts, device)
-        deviation = ctx.deviation
-        if torch.is_grad_enabled():  # double backward: recompute it differentiably
-            _, deviation = chan_merge(weights, torch.stack([_on(device, m) for m in moments]).double())
-        present = [_on(device, g) for g in grads if g is not None]
-        if not present:
-            return (None,) * (len(moments) + 1)
-        summed = (present[0] if len(present) == 1 else torch.stack(present).sum(0)).double()
-        shares = merge_gradients(weights, deviation, summed).to(dtype)
-        return (None, *[_on(m.device, share) for share, m in zip(shares, moments)])
+    def __init__(self, merged: Tensor, total: int, eps: float, parts: int,
+                 transport: Optional[MomentsTransport] = None) -> None:
+        self.merged = merged  # (2, C): mean, biased variance; in the accumulation dtype
+        self.total = total
+        self.clamp = get_sbn_eps_mode() == "clamp"
+        self.eps = eps
+        self.kernel_eps = 0.0 if self.clamp else eps  # 'clamp': var is clamped at eps, none added
+        self.transport = transport
+        self.left: list = [None] * parts  # per part: what its _Normalize left for dx
+        self.normalizers: list = [None] * parts  # per part: weak reference to its _Normalize node
+        self._by_device: dict = {}
+
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean, variance for the kernel, invstd, d(mean, var)/d(sum dy, sum dy*xhat) per unit weight)."""
+        found = self._by_device.get(device)
+        if found is None:
+            mean, var = _on(device, self.merged).unbind()
+            variance = var.clamp(min=self.eps) if self.clamp else var
+            invstd = (variance + self.kernel_eps).rsqrt()
+            # g_mean = -scale * sum(dy), g_var = -scale * invstd / 2 * sum(dy * xhat); a
+            # variance clamped at eps gets no gradient.
+            var_coefficient = invstd * invstd * -0.5
+            if self.clamp:
+                var_coefficient = var_coefficient * (var >= self.eps)
+            found = (mean, variance, invstd, torch.stack([invstd.neg(), var_coefficient]))
+            self._by_device[device] = found
+        return found
+
+    def leave(self, part: int, grad_output: Optional[Tensor], input: Tensor, scale: Tensor) -> None:
+        """``_Normalize`` of ``part`` hands dy, its input and scale to the merge node's backward."""
+        self.left[part] = (torch._C._current_graph_task_id(), grad_output, input, scale)
+
+    def take(self, part: int) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(dy or None, input, scale or None) of ``part`` for this backward pass."""
+        left, self.left[part] = self.left[part], None
+        if left is not None and left[0] == torch._C._current_graph_task_id():
+            return left[1], left[2], left[3]
+        # Its _Normalize got no gradient in this pass (its output was not used):
+        # the statistics' share of dx still reaches its input.
+        node = self.normalizers[part]() if self.normalizers[part] is not None else None
+        if node is None:
+            raise RuntimeError("autosyncbn: the graph of a synchronized BatchNorm call was freed")
+        return None, node.saved_tensors[0], None
 
 
-def merge_replica_moments(counts: Sequence[int], moments: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """The merged moments for each replica, on its device, autograd-connected to all."""
-    return _MergeReplicas.apply(tuple(counts), *moments)
-
-
-class _MergeOverTransport(torch.autograd.Function):
-    """This process's moments -> the merged moments, the other parts gathered by a transport."""
-
-    @staticmethod
-    def forward(ctx: Any, moments: Tensor, count: int, transport: MomentsTransport) -> Tensor:
-        counts, gathered, row = transport.gather(count, moments)
-        weights = count_weights(tuple(counts), moments.device)
-        merged, deviation = chan_merge(weights, gathered.double())
-        ctx.transport = transport
-        ctx.save_for_backward(weights[row:row + 1], deviation[row:row + 1])
-        return merged.to(moments.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        weight, deviation = ctx.saved_tensors
-        summed = ctx.transport.sum_gradients(grad.double())
-        return merge_gradients(weight, deviation, summed)[0].to(grad.dtype), None, None
+def merge_parts(counts: Sequence[int], moments: Sequence[Tensor], inputs: Sequence[Tensor],
+                eps: float) -> tuple[Share, ...]:
+    """Every part lives in this process (DataParallel replica threads): merge their moments here."""
+    device = moments[0].device
+    with torch.no_grad():
+        merged = chan_merge(count_weights(tuple(counts), device), torch.stack([_on(device, m) for m in moments]).double())
+    call = LayerCall(merged.to(moments[0].dtype), sum(counts), eps, len(inputs))
+    stats = _MergeStatistics.apply(call, *inputs)
+    return tuple(Share(s, call, part) for part, s in enumerate(stats))
 
 
 def merge_over(transport: MomentsTransport) -> Exchange:
-    """An exchange that merges this process's moments with those a transport gathers."""
+    """An exchange for a process whose peers are other processes, reached through ``transport``."""
 
-    def exchange(count: int, moments: Tensor) -> tuple[Tensor, int]:
-        return _MergeOverTransport.apply(moments, count, transport), transport.total
+    def exchange(input: Tensor, count: int, moments: Tensor, eps: float) -> Share:
+        with torch.no_grad():  # moving values: no autograd (the gradient comes back in backward)
+            counts, gathered, _ = transport.gather(count, moments)
+            merged = chan_merge(count_weights(tuple(counts), moments.device), gathered.double())
+        call = LayerCall(merged.to(moments.dtype), transport.total, eps, 1, transport)
+        stats, = _MergeStatistics.apply(call, input)
+        return Share(stats, call, 0)
 
     return exchange
+
+
+class _MergeStatistics(torch.autograd.Function):
+    """Every part's input -> the whole batch's (mean, var), one copy per part.
+
+    The statistics are merged before (``LayerCall.merged``); this node is where
+    their gradient comes back: it adds the parts' gradients of (mean, var)
+    and forms each part's dx, ``g_mean / N + 2 g_var (x - mean) / N`` plus dy's
+    direct share when ``_Normalize`` left it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, call: LayerCall, *inputs: Tensor) -> tuple[Tensor, ...]:
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        # A distinct tensor per part: each receives its own gradient.
+        return tuple(call.merged.to(x.device, copy=True) for x in inputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        call: LayerCall = ctx.call
+        if call.transport is not None:
+            return _input_gradients_over_transport(ctx, *grads)
+        return _input_gradients(ctx, grads)
+
+
+def _input_gradients(ctx: Any, grads: Sequence[Optional[Tensor]], summed: Optional[Tensor] = None
+                     ) -> tuple[Optional[Tensor], ...]:
+    """Each part's dx from the (mean, var) gradients of every part (``summed``: already added)."""
+    call: LayerCall = ctx.call
+    device = call.merged.device
+    if summed is None:
+        present = [_on(device, g) for g in grads if g is not None]
+        if not present:
+            return (None,) * (len(grads) + 1)
+        summed = present[0]
+        for grad in present[1:]:  # in part order: results never depend on thread timing
+            summed = summed + grad
+    differentiable = torch.is_grad_enabled()  # create_graph=True
+    parts = [call.take(part) for part in range(len(grads))]
+    total = max(call.total, 1)
+    if differentiable:
+        # The mean as a function of every part's input, so second derivatives see it move.
+        mean = sum(_on(device, input.to(summed.dtype).sum(reduction_dims(input))) for _, input, _ in parts) / total
+    slope = summed[1] * (2.0 / total)
+    offset = summed[0] / total
+    grad_inputs = []
+    for part, (grad_output, input, scale) in enumerate(parts):
+        if not ctx.needs_input_grad[part + 1]:
+            grad_inputs.append(None)
+            continue
+        if differentiable:
+            shape = channel_view_shape(input)
+            centred = input.to(summed.dtype) - _on(input.device, mean).view(shape)
+            grad = centred * _on(input.device, slope).view(shape) + _on(input.device, offset).view(shape)
+            grad_inputs.append(grad.to(input.dtype))
+        else:
+            grad_inputs.append(_input_gradient(call, grad_output, input, scale, slope, offset))
+    return (None, *grad_inputs)
+
+
+@torch.autograd.function.once_differentiable
+def _input_gradients_over_transport(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """One part in this process: the (mean, var) gradients of all parts are added by one collective."""
+    call: LayerCall = ctx.call
+    grad = grads[0] if grads[0] is not None else torch.zeros_like(call.merged)
+    summed = call.transport.sum_gradients(grad.double()).to(call.merged.dtype)  # type: ignore[union-attr]
+    return _input_gradients(ctx, grads, summed)
+
+
+def _input_gradient(call: LayerCall, grad_output: Optional[Tensor], input: Tensor, scale: Optional[Tensor],
+                    slope: Tensor, offset: Tensor) -> Tensor:
+    """``scale * dy + slope * (x - mean) + offset`` per channel, in two passes over the slice."""
+    if input.numel() == 0:
+        return torch.zeros_like(input)
+    mean = call.on(input.device)[0]
+    accumulate = input.dtype != mean.dtype  # half input: accumulate in float32
+    slope, offset = _on(input.device, slope), _on(input.device, offset)
+    grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, slope, offset)
+    if grad_output is not None:
+        grad.addcmul_(grad_output.to(mean.dtype) if accumulate else grad_output,
+                      scale.view(channel_view_shape(input)))  # type: ignore[union-attr]
+    return grad.to(input.dtype) if accumulate else grad
+
+
+def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(input - centre) * scale + shift`` per channel, in one fused pass (PyTorch's eval BatchNorm kernel)."""
+    return torch.native_batch_norm(input, scale, shift, centre, torch.ones_like(centre), False, 0.0, 0.0)[0]
 
 
 # -- normalization ---------------------------------------------------------------
@@ -223,82 +288,77 @@ def _kernel_affine(param: Optional[Tensor], stats_dtype: torch.dtype) -> Optiona
     return param.to(stats_dtype)
 
 
-def normalize_with_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                         mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    """PyTorch's fused eval-mode BatchNorm kernel: normalize with the given statistics."""
-    return torch.native_batch_norm(
-        input, _kernel_affine(weight, mean.dtype), _kernel_affine(bias, mean.dtype),
-        mean, var, False, 0.0, eps,
-    )[0]
-
-
-def normalize_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor,
-                       var: Tensor, eps: float, need_input: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
-    """One fused pass: (dy * weight * invstd, sum(dy * xhat), sum(dy)) per channel."""
+def sum_output_gradients(grad_output: Tensor, input: Tensor, mean: Tensor, var: Tensor,
+                         eps: float) -> tuple[Tensor, Tensor]:
+    """One fused pass: (sum(dy * xhat), sum(dy)) per channel, xhat normalized with (mean, var)."""
     if input.numel() == 0:
         # PyTorch's kernel divides by the element count; an empty slice adds nothing.
-        zeros = torch.zeros_like(mean)
-        return (torch.zeros_like(input) if need_input else None), zeros, zeros.clone()
+        return torch.zeros_like(mean), torch.zeros_like(mean)
     # Empty save_mean/save_invstd mean "eval mode: use the running statistics" to
     # CUDA's kernel (as cuDNN's eval backward passes them); None trips its assert.
     unused = mean.new_empty(0)
-    return torch.ops.aten.native_batch_norm_backward(
-        grad_output, input, _kernel_affine(weight, mean.dtype), mean, var,
-        unused, unused, False, eps, [need_input, True, True],
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, None, mean, var, unused, unused, False, eps, [False, True, True],
     )
+    return sum_dy_xhat, sum_dy
 
 
-class _NormalizeWithStats(torch.autograd.Function):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias with the given (2, C) [mean; var].
+class _Normalize(torch.autograd.Function):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with the merged statistics of ``call``.
 
-    Backward returns dy's direct share of dx plus the (2, C) gradient of the
-    statistics, which autograd carries back through the merge to every part.
-    Under the classic 'clamp' eps mode the variance is clamped at eps instead,
-    and a clamped channel's variance gets no gradient.
+    Backward returns the gradient of this part's copy of the statistics (and of
+    weight and bias); dy's direct share of dx goes to the merge node with the
+    input (see :meth:`LayerCall.leave`), which forms dx. Under the classic
+    'clamp' eps mode the variance is clamped at eps instead, and a clamped
+    channel's variance gets no gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float, moments_node: Any) -> Tensor:
-        clamp = get_sbn_eps_mode() == "clamp"
-        variance = stats[1].clamp(min=eps) if clamp else stats[1]
-        ctx.eps, ctx.clamp, ctx.moments_node = eps, clamp, moments_node
+                call: LayerCall, part: int) -> Tensor:
+        mean, variance, invstd, coefficients = call.on(input.device)
+        ctx.call, ctx.part = call, part
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        # Save the input only when _LocalMoments did not (x needs no grad).
-        saved_input = input if moments_node is None else None
-        ctx.save_for_backward(saved_input, stats, weight)
-        return normalize_with_stats(input, weight, bias, stats[0], variance, 0.0 if clamp else eps)
+        ctx.scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        ctx.coefficients = coefficients if weight is None else coefficients * weight.to(invstd.dtype)
+        ctx.save_for_backward(input, stats, weight)
+        call.normalizers[part] = weakref.ref(ctx)
+        return torch.native_batch_norm(input, _kernel_affine(weight, mean.dtype), _kernel_affine(bias, mean.dtype),
+                                       mean, variance, False, 0.0, call.kernel_eps)[0]
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-        saved_input, stats, weight = ctx.saved_tensors
-        input = saved_input if ctx.moments_node is None else ctx.moments_node.saved_tensors[0]
+        input, stats, weight = ctx.saved_tensors
+        call: LayerCall = ctx.call
         need_input, need_stats, need_weight, need_bias = ctx.needs_input_grad[:4]
-        mean, var = stats[0], stats[1]
-        variance = var.clamp(min=ctx.eps) if ctx.clamp else var
-        eps = 0.0 if ctx.clamp else ctx.eps
-        invstd = (variance + eps).rsqrt()
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         if torch.is_grad_enabled():
-            # create_graph=True (double backward): composite, differentiable ops.
-            shape = channel_view_shape(input)
-            dims = reduction_dims(input)
+            # create_graph=True (double backward): composite, differentiable ops,
+            # with the statistics as functions of every part's input.
+            mean, var = stats[0], stats[1]
+            variance = var.clamp(min=call.eps) if call.clamp else var
+            invstd = (variance + call.kernel_eps).rsqrt()
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            shape, dims = channel_view_shape(input), reduction_dims(input)
             dy = grad_output.to(mean.dtype)
-            xhat = (input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
-            grad_input = (dy * scale.view(shape)).to(input.dtype) if need_input else None
             sum_dy = dy.sum(dims)
-            sum_dy_xhat = (dy * xhat).sum(dims)
-        else:
-            grad_input, sum_dy_xhat, sum_dy = normalize_backward(
-                grad_output, input, weight, mean, variance, eps, need_input
-            )
-        grad_stats = None
-        if need_stats:
+            sum_dy_xhat = (dy * ((input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape))).sum(dims)
             grad_var = scale * invstd * sum_dy_xhat * -0.5
-            if ctx.clamp:
-                grad_var = grad_var * (var >= ctx.eps)
-            grad_stats = torch.stack([(scale * sum_dy).neg(), grad_var])
+            if call.clamp:
+                grad_var = grad_var * (var >= call.eps)
+            grad_stats = torch.stack([(scale * sum_dy).neg(), grad_var]) if need_stats else None
+            grad_input = (dy * scale.view(shape)).to(input.dtype) if need_input else None
+            if need_stats:
+                call.leave(ctx.part, None, input, None)
+        else:
+            mean, variance = call.on(input.device)[:2]
+            sum_dy_xhat, sum_dy = sum_output_gradients(grad_output, input, mean, variance, call.kernel_eps)
+            grad_stats = torch.stack([sum_dy, sum_dy_xhat]).mul_(ctx.coefficients) if need_stats else None
+            grad_input = None
+            if need_stats:  # the merge node forms dx, with dy's direct share
+                call.leave(ctx.part, grad_output, input, ctx.scale)
+            elif need_input:  # no merge node to form it (the statistics need no gradient)
+                grad_input = (grad_output * ctx.scale.view(channel_view_shape(input))).to(input.dtype)
         grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight and ctx.weight_dtype else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype else None
         return grad_input, grad_stats, grad_weight, grad_bias, None, None
@@ -314,15 +374,15 @@ def sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     of one value per channel raises PyTorch's ``ValueError`` in every part
     alike; an empty whole batch gives empty outputs, as PyTorch does.
     """
-    input_view, moments = _LocalMoments.apply(input)
-    merged, total = exchange(values_per_channel(input), moments)
+    share = exchange(input, values_per_channel(input), local_moments(input), eps)
+    total = share.call.total
     if total == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {total} value(s) per "
             f"channel over the whole batch (input size of this part {list(input.shape)})"
         )
-    output = _NormalizeWithStats.apply(input_view, merged, weight, bias, eps, moments.grad_fn)
-    return output, merged, total
+    output = _Normalize.apply(input, share.stats, weight, bias, share.call, share.part)
+    return output, share.call.merged, total
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

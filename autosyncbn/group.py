@@ -3,7 +3,7 @@
 ``replicas.py`` makes one ``ReplicaGroup`` per forward. The i-th synchronized
 call of every replica meets in slot i; the last replica to arrive checks that
 all agree (same layer, same channel count), merges the moments once (the
-math is ``functional.merge_replica_moments``), and hands each replica the
+math is ``functional.merge_parts``), and hands each replica its share of the
 merged statistics on its own device.
 
 Nothing waits forever: a waiting replica wakes when a peer raises, when a peer
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from .errors import PeerFailedError, ReplicaMismatchError, SyncBatchNormError, SyncTimeoutError
-from .functional import Exchange, merge_replica_moments
+from .functional import Exchange, Share, merge_parts
 
 
 @dataclass
@@ -28,6 +28,8 @@ class _Contribution:
     channels: int
     count: int
     moments: Tensor
+    input: Tensor
+    eps: float
 
 
 @dataclass
@@ -88,12 +90,12 @@ class ReplicaGroup:
             call = state.calls
             state.calls += 1
 
-        def exchange(count: int, moments: Tensor) -> tuple[Tensor, int]:
-            return self._meet(replica, call, _Contribution(layer, channels, count, moments))
+        def exchange(input: Tensor, count: int, moments: Tensor, eps: float) -> Share:
+            return self._meet(replica, call, _Contribution(layer, channels, count, moments, input, eps))
 
         return exchange
 
-    def _meet(self, replica: int, call: int, contribution: _Contribution) -> tuple[Tensor, int]:
+    def _meet(self, replica: int, call: int, contribution: _Contribution) -> Share:
         """Deposit this replica's moments for ``call``; return the merged statistics."""
         with self._cond:
             slot = self._slots.get(call)
@@ -163,10 +165,9 @@ class ReplicaGroup:
             )
             slot.error = lambda replica: ReplicaMismatchError(f"in replica {replica}: {message}")
             return
-        total = sum(c.count for c in contributions)
         try:
-            merged = merge_replica_moments([c.count for c in contributions], [c.moments for c in contributions])
-            slot.results = [(moments, total) for moments in merged]
+            slot.results = list(merge_parts([c.count for c in contributions], [c.moments for c in contributions],
+                                            [c.input for c in contributions], first.eps))
         except Exception as error:  # surfaced in every replica, never left waiting
             failure = error
             slot.error = lambda replica: SyncBatchNormError(

@@ -65,31 +65,18 @@ def count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
 
 
-def chan_merge(weights: Tensor, moments: Tensor) -> tuple[Tensor, Tensor]:
-    """Chan's parallel merge of per-part moments into the whole batch's.
+def chan_merge(weights: Tensor, moments: Tensor) -> Tensor:
+    """Chan's parallel merge of per-part moments into the whole batch's (mean, biased var), (2, C).
 
     ``moments`` is (parts, 2, C): each part's mean and biased variance.
     With weights w_i = n_i / N: ``mean = sum w_i mean_i`` and ``var =
     sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums are subtracted,
     so inputs with a large mean and a small spread keep their precision.
-    Returns the merged (2, C) moments and each part's ``mean_i - mean``;
-    differentiable.
     """
     weighted = torch.matmul(weights, moments.flatten(1)).view(moments.shape[1:])
     deviation = moments[:, 0] - weighted[0]
     variance = torch.addmv(weighted[1], deviation.square().t(), weights)
-    return torch.stack([weighted[0], variance]), deviation
-
-
-def merge_gradients(weights: Tensor, deviation: Tensor, grad: Tensor) -> Tensor:
-    """The chain rule of :func:`chan_merge`: each part's share of the merged moments' gradient.
-
-    ``d mean/d mean_i = w_i``, ``d var/d mean_i = 2 w_i (mean_i - mean)`` and
-    ``d var/d var_i = w_i``. ``grad`` is the (2, C) gradient of the merged
-    (mean, var), summed over every consumer; returns (parts, 2, C).
-    """
-    grad_means = torch.addcmul(grad[0], deviation, grad[1], value=2.0)
-    return torch.stack([grad_means, grad[1].expand_as(grad_means)], 1) * weights.view(-1, 1, 1)
+    return torch.stack([weighted[0], variance])
 
 
 @torch.no_grad()
