@@ -119,12 +119,14 @@ class LayerCall:
     """One synchronized layer call in this process: the merged statistics and what backward hands over.
 
     Holds no autograd node strongly (``_Normalize`` nodes only by weak
-    reference), so a graph never keeps itself alive through it.
+    reference) and none of the merge node's outputs, so a graph never keeps
+    itself alive through it.
     """
 
-    def __init__(self, merged: Tensor, total: int, eps: float, parts: int,
+    def __init__(self, mean: Tensor, var: Tensor, total: int, eps: float, parts: int,
                  transport: Optional[MomentsTransport] = None) -> None:
-        self.merged = merged  # (2, C): mean, biased variance; in the accumulation dtype
+        self.merged = torch.stack([mean, var])  # (2, C), in the accumulation dtype
+        self.mean, self.var = mean, var  # the biased variance
         self.total = total
         self.clamp = get_sbn_eps_mode() == "clamp"
         self.eps = eps
@@ -132,25 +134,33 @@ class LayerCall:
         self.transport = transport
         self.left: list = [None] * parts  # per part: what its _Normalize left for dx
         self.normalizers: list = [None] * parts  # per part: weak reference to its _Normalize node
-        self._by_device: dict = {}
+        self._statistics: dict = {}
+        self._coefficients: dict = {}
 
-    def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(mean, variance for the kernel, invstd, d(mean, var)/d(sum dy, sum dy*xhat) per unit weight)."""
-        found = self._by_device.get(device)
+    def statistics(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(mean, variance for the kernel) on ``device``: the variance is clamped at eps under 'clamp'."""
+        found = self._statistics.get(device)
         if found is None:
-            mean, var = _on(device, self.merged).unbind()
-            variance = var.clamp(min=self.eps) if self.clamp else var
-            invstd = (variance + self.kernel_eps).rsqrt()
-            # g_mean = -scale * sum(dy), g_var = -scale * invstd / 2 * sum(dy * xhat); a
-            # variance clamped at eps gets no gradient.
-            var_coefficient = invstd * invstd * -0.5
-            if self.clamp:
-                var_coefficient = var_coefficient * (var >= self.eps)
-            found = (mean, variance, invstd, torch.stack([invstd.neg(), var_coefficient]))
-            self._by_device[device] = found
+            var = _on(device, self.var)
+            found = (_on(device, self.mean), var.clamp(min=self.eps) if self.clamp else var)
+            self._statistics[device] = found
         return found
 
-    def leave(self, part: int, grad_output: Optional[Tensor], input: Tensor, scale: Tensor) -> None:
+    def coefficients(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(invstd, d(mean, var)/d(sum dy, sum dy*xhat) for a unit weight), for backward, on ``device``."""
+        found = self._coefficients.get(device)
+        if found is None:
+            invstd = (self.statistics(device)[1] + self.kernel_eps).rsqrt()
+            # g_mean = -scale * sum(dy) and g_var = -scale * invstd / 2 * sum(dy * xhat),
+            # scale = weight * invstd; a variance clamped at eps gets no gradient.
+            var_coefficient = invstd * invstd * -0.5
+            if self.clamp:
+                var_coefficient = var_coefficient * (_on(device, self.var) >= self.eps)
+            found = (invstd, torch.stack([invstd.neg(), var_coefficient]))
+            self._coefficients[device] = found
+        return found
+
+    def leave(self, part: int, grad_output: Optional[Tensor], input: Tensor, scale: Optional[Tensor]) -> None:
         """``_Normalize`` of ``part`` hands dy, its input and scale to the merge node's backward."""
         self.left[part] = (torch._C._current_graph_task_id(), grad_output, input, scale)
 
@@ -167,13 +177,15 @@ class LayerCall:
         return None, node.saved_tensors[0], None
 
 
-def merge_parts(counts: Sequence[int], moments: Sequence[Tensor], inputs: Sequence[Tensor],
+def merge_parts(counts: Sequence[int], moments: Sequence[tuple[Tensor, Tensor]], inputs: Sequence[Tensor],
                 eps: float) -> tuple[Share, ...]:
     """Every part lives in this process (DataParallel replica threads): merge their moments here."""
-    device = moments[0].device
-    with torch.no_grad():
-        merged = chan_merge(count_weights(tuple(counts), device), torch.stack([_on(device, m) for m in moments]).double())
-    call = LayerCall(merged.to(moments[0].dtype), sum(counts), eps, len(inputs))
+    device, dtype = moments[0][0].device, moments[0][0].dtype
+    parts = len(moments)
+    vectors = torch.stack([_on(device, v) for pair in moments for v in pair]).double()  # float64: no error added
+    means, variances = vectors.view(parts, 2, -1).unbind(1)
+    mean, var = chan_merge(count_weights(tuple(counts), device), means, variances)
+    call = LayerCall(mean.to(dtype), var.to(dtype), sum(counts), eps, parts)
     stats = _MergeStatistics.apply(call, *inputs)
     return tuple(Share(s, call, part) for part, s in enumerate(stats))
 
@@ -181,11 +193,12 @@ def merge_parts(counts: Sequence[int], moments: Sequence[Tensor], inputs: Sequen
 def merge_over(transport: MomentsTransport) -> Exchange:
     """An exchange for a process whose peers are other processes, reached through ``transport``."""
 
-    def exchange(input: Tensor, count: int, moments: Tensor, eps: float) -> Share:
+    def exchange(input: Tensor, count: int, moments: tuple[Tensor, Tensor], eps: float) -> Share:
         with torch.no_grad():  # moving values: no autograd (the gradient comes back in backward)
-            counts, gathered, _ = transport.gather(count, moments)
-            merged = chan_merge(count_weights(tuple(counts), moments.device), gathered.double())
-        call = LayerCall(merged.to(moments.dtype), transport.total, eps, 1, transport)
+            counts, gathered, _ = transport.gather(count, torch.stack(moments))
+            gathered = gathered.double()
+            mean, var = chan_merge(count_weights(tuple(counts), input.device), gathered[:, 0], gathered[:, 1])
+        call = LayerCall(mean.to(moments[0].dtype), var.to(moments[0].dtype), transport.total, eps, 1, transport)
         stats, = _MergeStatistics.apply(call, input)
         return Share(stats, call, 0)
 
@@ -265,7 +278,7 @@ def _input_gradient(call: LayerCall, grad_output: Optional[Tensor], input: Tenso
     """``scale * dy + slope * (x - mean) + offset`` per channel, in two passes over the slice."""
     if input.numel() == 0:
         return torch.zeros_like(input)
-    mean = call.on(input.device)[0]
+    mean = call.statistics(input.device)[0]
     accumulate = input.dtype != mean.dtype  # half input: accumulate in float32
     slope, offset = _on(input.device, slope), _on(input.device, offset)
     grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, slope, offset)
@@ -316,13 +329,10 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 call: LayerCall, part: int) -> Tensor:
-        mean, variance, invstd, coefficients = call.on(input.device)
+        mean, variance = call.statistics(input.device)
         ctx.call, ctx.part = call, part
-        ctx.weight_dtype = weight.dtype if weight is not None else None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        ctx.coefficients = coefficients if weight is None else coefficients * weight.to(invstd.dtype)
         ctx.save_for_backward(input, stats, weight)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         call.normalizers[part] = weakref.ref(ctx)
         return torch.native_batch_norm(input, _kernel_affine(weight, mean.dtype), _kernel_affine(bias, mean.dtype),
                                        mean, variance, False, 0.0, call.kernel_eps)[0]
@@ -351,38 +361,42 @@ class _Normalize(torch.autograd.Function):
             if need_stats:
                 call.leave(ctx.part, None, input, None)
         else:
-            mean, variance = call.on(input.device)[:2]
+            mean, variance = call.statistics(input.device)
+            invstd, coefficients = call.coefficients(input.device)
+            weight_in_stats_dtype = None if weight is None else weight.to(invstd.dtype)
+            scale = invstd if weight is None else invstd * weight_in_stats_dtype
             sum_dy_xhat, sum_dy = sum_output_gradients(grad_output, input, mean, variance, call.kernel_eps)
-            grad_stats = torch.stack([sum_dy, sum_dy_xhat]).mul_(ctx.coefficients) if need_stats else None
-            grad_input = None
+            grad_input = grad_stats = None
             if need_stats:  # the merge node forms dx, with dy's direct share
-                call.leave(ctx.part, grad_output, input, ctx.scale)
+                grad_stats = torch.stack([sum_dy, sum_dy_xhat]).mul_(coefficients)
+                if weight is not None:
+                    grad_stats.mul_(weight_in_stats_dtype)
+                call.leave(ctx.part, grad_output, input, scale)
             elif need_input:  # no merge node to form it (the statistics need no gradient)
-                grad_input = (grad_output * ctx.scale.view(channel_view_shape(input))).to(input.dtype)
-        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight and ctx.weight_dtype else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype else None
+                grad_input = (grad_output * scale.view(channel_view_shape(input))).to(input.dtype)
+        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
         return grad_input, grad_stats, grad_weight, grad_bias, None, None
 
 
 # -- the call --------------------------------------------------------------------
 def sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                    exchange: Exchange) -> tuple[Tensor, Tensor, int]:
+                    exchange: Exchange) -> tuple[Tensor, LayerCall]:
     """Batch-normalize ``input`` with statistics merged across parts by ``exchange``.
 
-    Returns the output, the merged (2, C) (mean, biased variance) and the
-    value count per channel. Every part sees the same total, so a whole batch
-    of one value per channel raises PyTorch's ``ValueError`` in every part
-    alike; an empty whole batch gives empty outputs, as PyTorch does.
+    Returns the output and the layer call (its merged mean, biased variance
+    and value count per channel). Every part sees the same total, so a whole
+    batch of one value per channel raises PyTorch's ``ValueError`` in every
+    part alike; an empty whole batch gives empty outputs, as PyTorch does.
     """
     share = exchange(input, values_per_channel(input), local_moments(input), eps)
-    total = share.call.total
-    if total == 1:
+    call = share.call
+    if call.total == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got {total} value(s) per "
+            f"Expected more than 1 value per channel when training, got {call.total} value(s) per "
             f"channel over the whole batch (input size of this part {list(input.shape)})"
         )
-    output = _Normalize.apply(input, share.stats, weight, bias, share.call, share.part)
-    return output, share.call.merged, total
+    return _Normalize.apply(input, share.stats, weight, bias, call, share.part), call
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -395,7 +409,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     the call would have on one device, by the part that owns them.
     """
     check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
-    output, merged, total = sync_batch_norm(input, weight, bias, eps, exchange)
-    if updates_running_stats and total > 0:  # an empty whole batch leaves them, as PyTorch does
-        update_running_stats(running_mean, running_var, merged, total, float(momentum))
+    output, call = sync_batch_norm(input, weight, bias, eps, exchange)
+    if updates_running_stats and call.total > 0:  # an empty whole batch leaves them, as PyTorch does
+        update_running_stats(running_mean, running_var, call.mean, call.var, call.total, float(momentum))
     return output

@@ -37,23 +37,26 @@ def values_per_channel(input: Tensor) -> int:
     return input.numel() // channels if channels else 0
 
 
-def local_moments(input: Tensor) -> Tensor:
-    """Per-channel (mean, biased variance) of ``input`` as one (2, C) tensor, in the accumulation dtype.
+def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased variance) of ``input``, in the accumulation dtype.
 
     Uses PyTorch's own BatchNorm statistics kernel (one pass, the same numerics
     as ``nn.BatchNorm``). Half inputs get float32 scratch buffers so the kernel
     returns float32 statistics; momentum 0 leaves the scratch untouched. An
     empty input has zero mean and variance (its count, 0, gives it no weight).
+    Not differentiable: the statistics' gradient is formed by ``functional``.
     """
     channels = input.shape[1]
+    input = input.detach()
     if input.numel() == 0:
         # An empty slice contributes nothing (and PyTorch's kernel rejects it).
-        return torch.zeros(2, channels, dtype=accumulation_dtype(input.dtype), device=input.device)
+        zeros = torch.zeros(channels, dtype=accumulation_dtype(input.dtype), device=input.device)
+        return zeros, zeros
     if input.dtype in _REDUCED_PRECISION:
         scratch_mean = torch.zeros(channels, dtype=torch.float32, device=input.device)
         scratch_var = torch.ones(channels, dtype=torch.float32, device=input.device)
-        return torch.stack(torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0))
-    return torch.stack(torch.batch_norm_update_stats(input, None, None, 0.0))
+        return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
+    return torch.batch_norm_update_stats(input, None, None, 0.0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -65,30 +68,27 @@ def count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
 
 
-def chan_merge(weights: Tensor, moments: Tensor) -> Tensor:
-    """Chan's parallel merge of per-part moments into the whole batch's (mean, biased var), (2, C).
+def chan_merge(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
+    """Chan's parallel merge of per-part moments into the whole batch's (mean, biased variance).
 
-    ``moments`` is (parts, 2, C): each part's mean and biased variance.
-    With weights w_i = n_i / N: ``mean = sum w_i mean_i`` and ``var =
-    sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums are subtracted,
-    so inputs with a large mean and a small spread keep their precision.
+    ``means`` and ``variances`` are (parts, C). With weights w_i = n_i / N:
+    ``mean = sum w_i mean_i`` and ``var = sum w_i (var_i + (mean_i - mean)^2)``.
+    No large sums are subtracted, so inputs with a large mean and a small
+    spread keep their precision.
     """
-    weighted = torch.matmul(weights, moments.flatten(1)).view(moments.shape[1:])
-    deviation = moments[:, 0] - weighted[0]
-    variance = torch.addmv(weighted[1], deviation.square().t(), weights)
-    return torch.stack([weighted[0], variance])
+    mean = torch.mv(means.t(), weights)
+    return mean, torch.mv((means - mean).square_().add_(variances).t(), weights)
 
 
-@torch.no_grad()
-def update_running_stats(
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    moments: Tensor,
-    count: int,
-    momentum: float,
-) -> None:
-    """``running = (1 - momentum) * running + momentum * batch``, with the unbiased variance."""
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                         var: Tensor, count: int, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch``, with the unbiased variance.
+
+    Buffers and statistics never require grad here, so autograd records nothing.
+    """
     if running_mean is not None:
-        running_mean.lerp_(moments[0].to(running_mean.dtype), momentum)
+        running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
     if running_var is not None:
-        running_var.lerp_((moments[1] * (count / (count - 1))).to(running_var.dtype), momentum)
+        unbiased = var * (count / (count - 1))
+        running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype),
+                          momentum)
