@@ -45,7 +45,6 @@ from .eps_mode import get_sbn_eps_mode
 from .moments import (
     chan_merge,
     channel_view_shape,
-    count_weights,
     local_moments,
     reduction_dims,
     update_running_stats,
@@ -123,10 +122,10 @@ class LayerCall:
     itself alive through it.
     """
 
-    def __init__(self, mean: Tensor, var: Tensor, total: int, eps: float, parts: int,
+    def __init__(self, merged: Tensor, total: int, eps: float, parts: int,
                  transport: Optional[MomentsTransport] = None) -> None:
-        self.merged = torch.stack([mean, var])  # (2, C), in the accumulation dtype
-        self.mean, self.var = mean, var  # the biased variance
+        self.merged = merged  # (2, C): mean, biased variance; in the accumulation dtype
+        self.mean, self.var = merged.unbind()
         self.total = total
         self.clamp = get_sbn_eps_mode() == "clamp"
         self.eps = eps
@@ -181,11 +180,8 @@ def merge_parts(counts: Sequence[int], moments: Sequence[tuple[Tensor, Tensor]],
                 eps: float) -> tuple[Share, ...]:
     """Every part lives in this process (DataParallel replica threads): merge their moments here."""
     device, dtype = moments[0][0].device, moments[0][0].dtype
-    parts = len(moments)
-    vectors = torch.stack([_on(device, v) for pair in moments for v in pair]).double()  # float64: no error added
-    means, variances = vectors.view(parts, 2, -1).unbind(1)
-    mean, var = chan_merge(count_weights(tuple(counts), device), means, variances)
-    call = LayerCall(mean.to(dtype), var.to(dtype), sum(counts), eps, parts)
+    stacked = torch.stack([_on(device, v) for pair in moments for v in pair]).view(len(moments), 2, -1)
+    call = LayerCall(chan_merge(tuple(counts), stacked.double()).to(dtype), sum(counts), eps, len(inputs))
     stats = _MergeStatistics.apply(call, *inputs)
     return tuple(Share(s, call, part) for part, s in enumerate(stats))
 
@@ -196,9 +192,8 @@ def merge_over(transport: MomentsTransport) -> Exchange:
     def exchange(input: Tensor, count: int, moments: tuple[Tensor, Tensor], eps: float) -> Share:
         with torch.no_grad():  # moving values: no autograd (the gradient comes back in backward)
             counts, gathered, _ = transport.gather(count, torch.stack(moments))
-            gathered = gathered.double()
-            mean, var = chan_merge(count_weights(tuple(counts), input.device), gathered[:, 0], gathered[:, 1])
-        call = LayerCall(mean.to(moments[0].dtype), var.to(moments[0].dtype), transport.total, eps, 1, transport)
+            merged = chan_merge(tuple(counts), gathered.double()).to(moments[0].dtype)
+        call = LayerCall(merged, transport.total, eps, 1, transport)
         stats, = _MergeStatistics.apply(call, input)
         return Share(stats, call, 0)
 
@@ -219,7 +214,8 @@ class _MergeStatistics(torch.autograd.Function):
         ctx.call = call
         ctx.set_materialize_grads(False)
         # A distinct tensor per part: each receives its own gradient.
-        return tuple(call.merged.to(x.device, copy=True) for x in inputs)
+        merged = call.merged
+        return tuple(merged.clone() if x.device == merged.device else merged.to(x.device) for x in inputs)
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:

@@ -68,16 +68,20 @@ def count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
 
 
-def chan_merge(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
-    """Chan's parallel merge of per-part moments into the whole batch's (mean, biased variance).
+def chan_merge(counts: tuple[int, ...], moments: Tensor) -> Tensor:
+    """Chan's parallel merge of per-part moments into the whole batch's (2, C) (mean, biased var).
 
-    ``means`` and ``variances`` are (parts, C). With weights w_i = n_i / N:
+    ``moments`` is (parts, 2, C): each part's mean and biased variance, in
+    float64 so the merge adds no error of its own. With weights w_i = n_i / N:
     ``mean = sum w_i mean_i`` and ``var = sum w_i (var_i + (mean_i - mean)^2)``.
     No large sums are subtracted, so inputs with a large mean and a small
     spread keep their precision.
     """
-    mean = torch.mv(means.t(), weights)
-    return mean, torch.mv((means - mean).square_().add_(variances).t(), weights)
+    weights = count_weights(counts, moments.device)
+    merged = torch.mv(moments.flatten(1).t(), weights).view(moments.shape[1:])
+    deviation = (moments[:, 0] - merged[0]).square_()
+    merged[1].add_(torch.mv(deviation.t(), weights))
+    return merged
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
