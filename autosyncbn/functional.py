@@ -114,6 +114,10 @@ def _on(device: torch.device, tensor: Tensor) -> Tensor:
     return tensor if tensor.device == device else tensor.to(device)
 
 
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class LayerCall:
     """One synchronized layer call in this process: the merged statistics and what backward hands over.
 
@@ -145,8 +149,9 @@ class LayerCall:
             self._statistics[device] = found
         return found
 
-    def coefficients(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(invstd, d(mean, var)/d(sum dy, sum dy*xhat) for a unit weight), for backward, on ``device``."""
+    def coefficients(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Backward's per-channel vectors on ``device``: invstd, the (2, C) d(mean, var)/d(sum dy, sum dy*xhat)
+        for a unit weight, and ones (a unit variance for :func:`centred_affine`)."""
         found = self._coefficients.get(device)
         if found is None:
             invstd = (self.statistics(device)[1] + self.kernel_eps).rsqrt()
@@ -155,7 +160,7 @@ class LayerCall:
             var_coefficient = invstd * invstd * -0.5
             if self.clamp:
                 var_coefficient = var_coefficient * (_on(device, self.var) >= self.eps)
-            found = (invstd, torch.stack([invstd.neg(), var_coefficient]))
+            found = (invstd, torch.stack([invstd.neg(), var_coefficient]), torch.ones_like(invstd))
             self._coefficients[device] = found
         return found
 
@@ -275,18 +280,22 @@ def _input_gradient(call: LayerCall, grad_output: Optional[Tensor], input: Tenso
     if input.numel() == 0:
         return torch.zeros_like(input)
     mean = call.statistics(input.device)[0]
+    ones = call.coefficients(input.device)[2]
     accumulate = input.dtype != mean.dtype  # half input: accumulate in float32
     slope, offset = _on(input.device, slope), _on(input.device, offset)
-    grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, slope, offset)
+    grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, slope, offset, ones)
     if grad_output is not None:
         grad.addcmul_(grad_output.to(mean.dtype) if accumulate else grad_output,
                       scale.view(channel_view_shape(input)))  # type: ignore[union-attr]
     return grad.to(input.dtype) if accumulate else grad
 
 
-def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``(input - centre) * scale + shift`` per channel, in one fused pass (PyTorch's eval BatchNorm kernel)."""
-    return torch.native_batch_norm(input, scale, shift, centre, torch.ones_like(centre), False, 0.0, 0.0)[0]
+def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, ones: Tensor) -> Tensor:
+    """``(input - centre) * scale + shift`` per channel, in one fused pass.
+
+    PyTorch's eval-mode BatchNorm kernel with a unit variance (``ones``) and no eps.
+    """
+    return torch.native_batch_norm(input, scale, shift, centre, ones, False, 0.0, 0.0)[0]
 
 
 # -- normalization ---------------------------------------------------------------
@@ -358,8 +367,8 @@ class _Normalize(torch.autograd.Function):
                 call.leave(ctx.part, None, input, None)
         else:
             mean, variance = call.statistics(input.device)
-            invstd, coefficients = call.coefficients(input.device)
-            weight_in_stats_dtype = None if weight is None else weight.to(invstd.dtype)
+            invstd, coefficients, _ = call.coefficients(input.device)
+            weight_in_stats_dtype = weight if weight is None or weight.dtype == invstd.dtype else weight.to(invstd.dtype)
             scale = invstd if weight is None else invstd * weight_in_stats_dtype
             sum_dy_xhat, sum_dy = sum_output_gradients(grad_output, input, mean, variance, call.kernel_eps)
             grad_input = grad_stats = None
@@ -370,8 +379,8 @@ class _Normalize(torch.autograd.Function):
                 call.leave(ctx.part, grad_output, input, scale)
             elif need_input:  # no merge node to form it (the statistics need no gradient)
                 grad_input = (grad_output * scale.view(channel_view_shape(input))).to(input.dtype)
-        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        grad_weight = _as(sum_dy_xhat, weight.dtype) if need_weight else None
+        grad_bias = _as(sum_dy, ctx.bias_dtype) if need_bias else None
         return grad_input, grad_stats, grad_weight, grad_bias, None, None
 
 
