@@ -15,7 +15,8 @@ How one call flows (each box is one module; imports only point down)::
     dispatch.batch_norm ── decide(): replica group, process group, or PyTorch's own
           │                ──► group.ReplicaGroup (threads)   distributed.ProcessGroupTransport
           ▼
-    functional.batch_norm ── _LocalMoments ─► merge (moments.chan_merge) ─► _NormalizeWithStats
+    functional.batch_norm ── local moments ─► exchange: Chan merge (moments.chan_merge)
+                             ─► _MergeStatistics (one node per layer call) ─► _Normalize per part
                              running statistics updated by their owner (replica 0, every rank)
 """
 from .compat import patch_sync_batchnorm

@@ -1,9 +1,9 @@
 """The ``torch.distributed`` transport: moments and their gradients between ranks (no math).
 
 Works on every backend PyTorch's collectives support: gloo on CPU (where
-``torch.nn.SyncBatchNorm`` refuses to run) and NCCL on GPU. The merge and its
-chain rule are ``functional._MergeOverTransport``; this module only moves
-values and checks that ranks agree.
+``torch.nn.SyncBatchNorm`` refuses to run) and NCCL on GPU. The merge and the
+gradient are ``functional.merge_over`` and ``functional._MergeStatistics``;
+this module only moves values and checks that ranks agree.
 
 Every synchronized call starts with one all-gather of a fixed-size float64 record per rank:
 a header (direction, call number, channel count, value count, layer

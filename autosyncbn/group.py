@@ -85,10 +85,10 @@ class ReplicaGroup:
     # -- called by each synchronized call ----------------------------------------
     def exchange_for(self, replica: int, layer: str, channels: int) -> Exchange:
         """The exchange of replica ``replica``'s next synchronized call (numbered from 0)."""
-        with self._cond:
-            state = self._replicas[replica]
-            call = state.calls
-            state.calls += 1
+        # Only replica ``replica``'s own thread counts its calls (peers just read the count).
+        state = self._replicas[replica]
+        call = state.calls
+        state.calls += 1
 
         def exchange(input: Tensor, count: int, moments: Tensor, eps: float) -> Share:
             return self._meet(replica, call, _Contribution(layer, channels, count, moments, input, eps))

@@ -4,14 +4,17 @@ Per call, forward + backward, on one replica's slice of the "small" size of
 bench_sync_cost.py (4 x 16 x 32 x 32):
 
 - ``nn.BatchNorm``: PyTorch's fused training kernels;
-- ``autosyncbn, no peers``: autosyncbn's three autograd Functions with an
-  exchange that returns this slice's own moments (no threads, no merge);
-- ``merge of 4``: the one merge node of a call, forward and backward;
+- ``autosyncbn, one part``: autosyncbn's path for one slice merged with no
+  peers (local moments, a merge of one, the merge node, ``_Normalize``);
+- ``merge of 4``: what the last replica to arrive does for a layer call of
+  4 replicas while the others wait (the Chan merge and the merge node);
 - ``decision``: finding the owning module and deciding the route.
 
 The gap between the first two, times 4 replicas, plus the merge, is what a
 synchronized step adds per layer call on top of the meeting itself (the
-floor in bench_sync_cost.py). Prints microseconds; writes results/profile.json.
+floor in bench_sync_cost.py). In 4 contending replica threads each small op
+and each Python step costs several times its single-thread figure here.
+Prints microseconds; writes results/profile.json.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch import nn
 from autosyncbn import dispatch, functional
 from autosyncbn.context import ReplicaContext, ReplicaPlan, entered
 from autosyncbn.group import ReplicaGroup
+from autosyncbn.moments import local_moments
 from common import write_json
 
 
@@ -42,19 +46,21 @@ def main() -> dict:
     x = torch.randn(4, 16, 32, 32, requires_grad=True)
     grad = torch.randn_like(x)
     layer = nn.BatchNorm2d(16)
-    moments = [torch.rand(2, 16, requires_grad=True) for _ in range(4)]
-    merge_grads = [torch.randn(2, 16) for _ in range(4)]
+    parts = [torch.randn(4, 16, 32, 32, requires_grad=True) for _ in range(4)]
+    moments = [local_moments(part) for part in parts]
 
     def pytorch() -> None:
         layer(x).backward(grad)
 
+    def alone(input, count, moments, eps):  # noqa: ANN001 - an exchange with no peers
+        return functional.merge_parts([count], [moments], [input], eps)[0]
+
     def ours() -> None:
-        out, _, _ = functional.sync_batch_norm(x, layer.weight, layer.bias, 1e-5,
-                                               lambda count, m: (m, 4 * count))
+        out, _ = functional.sync_batch_norm(x, layer.weight, layer.bias, 1e-5, alone)
         out.backward(grad)
 
     def merge() -> None:
-        torch.autograd.backward(functional.merge_replica_moments([4096] * 4, moments), merge_grads)
+        functional.merge_parts([4096] * 4, moments, parts, 1e-5)
 
     context = ReplicaContext(ReplicaGroup(4, 10.0), 0, layer, ReplicaPlan(10.0, include_plain=True))
 
@@ -62,7 +68,7 @@ def main() -> dict:
         with entered(context):
             dispatch.decide(x, layer, False, None, context, None)
 
-    figures = {"nn.BatchNorm": per_call_us(pytorch), "autosyncbn, no peers": per_call_us(ours),
+    figures = {"nn.BatchNorm": per_call_us(pytorch), "autosyncbn, one part": per_call_us(ours),
                "merge of 4": per_call_us(merge), "decision": per_call_us(decision)}
     print("one synchronized BatchNorm call, forward + backward, one thread (us):")
     for name, value in figures.items():
