@@ -8,9 +8,9 @@ part of the batch (a replica thread or a process)::
     local_moments(x_i)                  this slice's (mean_i, var_i): one pass, no autograd
     exchange                            the whole batch's (mean, var): Chan's merge of every
                                         part's moments, in one LayerCall per layer call
-    _MergeStatistics(x_1 .. x_P)        one autograd node for the parts in this process:
-        -> stats_1 .. stats_P           a copy of (mean, var) for each part
-    _Normalize(x_i, stats_i, w, b)      PyTorch's eval kernel with those statistics
+    _MergeStatistics(x_1 .. x_P, w_i)   one autograd node for the parts in this process:
+        -> view_i, stats_i              each part's input (a view) and copy of (mean, var)
+    _Normalize(view_i, stats_i, w, b)   PyTorch's eval kernel with those statistics
         -> y_i
 
 Backward runs the same way back. Each ``_Normalize`` sums dy and dy * xhat
@@ -21,21 +21,21 @@ forms every part's dx in one more pass:
 
     dx = scale * dy + g_mean / N + 2 g_var (x - mean) / N,   scale = weight / std
 
-dy's direct share (``scale * dy``) is left to ``_MergeStatistics`` by
-``_Normalize`` (a private hand-over, tagged with the backward pass) so dx is
-formed in one place, in two passes as ``nn.BatchNorm``'s backward does. Every
-backward node of the thread path is one node per part plus one per layer
-call: on CPU, autograd runs all replicas' backward in one thread, so nothing
-in backward waits for a peer.
+dy reaches the merge node as the gradient of the input view it gave
+``_Normalize``, so dx is formed in one place, in two passes as
+``nn.BatchNorm``'s backward does, and nothing is handed over outside
+autograd (concurrent backward passes over one graph stay apart). The
+backward nodes of a layer call are one per part plus one merge node: on CPU,
+autograd runs all replicas' backward in one thread, so nothing in backward
+waits for a peer.
 
-Each part saves only its input (in its own thread) plus per-channel vectors,
-what ``nn.BatchNorm`` saves. With ``create_graph=True`` backward uses
-differentiable ops (and recomputes the mean from the inputs), so double
-backward (gradient penalties) works in replica threads.
+A layer call saves each part's input once (the merge node saves them) plus
+per-channel vectors, what ``nn.BatchNorm`` saves. With ``create_graph=True``
+backward uses differentiable ops (and recomputes the mean from the inputs),
+so double backward (gradient penalties) works in replica threads.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
@@ -68,15 +68,16 @@ class MomentsTransport(Protocol):
 
 
 class Share(NamedTuple):
-    """What an exchange hands one part: its copy of the statistics, the layer call, its index."""
+    """What an exchange hands one part: its input as the merge node sees it, its statistics, the call."""
 
+    input: Tensor
     stats: Tensor
     call: "LayerCall"
     part: int
 
 
-Exchange = Callable[[Tensor, int, Tensor, float], Share]
-"""``(input, count, moments, eps)`` of this part -> its :class:`Share` of the merged statistics."""
+Exchange = Callable[[Tensor, Optional[Tensor], int, "tuple[Tensor, Tensor]", float], Share]
+"""``(input, weight, count, moments, eps)`` of this part -> its :class:`Share` of the merged statistics."""
 
 
 # -- argument checks: PyTorch's errors, raised before any peer is involved -----
@@ -119,15 +120,13 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class LayerCall:
-    """One synchronized layer call in this process: the merged statistics and what backward hands over.
+    """One synchronized layer call in this process: the merged statistics and vectors derived from them.
 
-    Holds no autograd node strongly (``_Normalize`` nodes only by weak
-    reference) and none of the merge node's outputs, so a graph never keeps
-    itself alive through it.
+    Plain values only (no autograd node, no output of one), so a graph never
+    keeps itself alive through it.
     """
 
-    def __init__(self, merged: Tensor, total: int, eps: float, parts: int,
-                 transport: Optional[MomentsTransport] = None) -> None:
+    def __init__(self, merged: Tensor, total: int, eps: float, transport: Optional[MomentsTransport] = None) -> None:
         self.merged = merged  # (2, C): mean, biased variance; in the accumulation dtype
         self.mean, self.var = merged.unbind()
         self.total = total
@@ -135,8 +134,6 @@ class LayerCall:
         self.eps = eps
         self.kernel_eps = 0.0 if self.clamp else eps  # 'clamp': var is clamped at eps, none added
         self.transport = transport
-        self.left: list = [None] * parts  # per part: what its _Normalize left for dx
-        self.normalizers: list = [None] * parts  # per part: weak reference to its _Normalize node
         self._statistics: dict = {}
         self._coefficients: dict = {}
 
@@ -151,7 +148,7 @@ class LayerCall:
 
     def coefficients(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Backward's per-channel vectors on ``device``: invstd, the (2, C) d(mean, var)/d(sum dy, sum dy*xhat)
-        for a unit weight, and ones (a unit variance for :func:`centred_affine`)."""
+        for a unit weight, and ones (a unit weight or variance for PyTorch's kernels)."""
         found = self._coefficients.get(device)
         if found is None:
             invstd = (self.statistics(device)[1] + self.kernel_eps).rsqrt()
@@ -164,129 +161,134 @@ class LayerCall:
             self._coefficients[device] = found
         return found
 
-    def leave(self, part: int, grad_output: Optional[Tensor], input: Tensor, scale: Optional[Tensor]) -> None:
-        """``_Normalize`` of ``part`` hands dy, its input and scale to the merge node's backward."""
-        self.left[part] = (torch._C._current_graph_task_id(), grad_output, input, scale)
-
-    def take(self, part: int) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
-        """(dy or None, input, scale or None) of ``part`` for this backward pass."""
-        left, self.left[part] = self.left[part], None
-        if left is not None and left[0] == torch._C._current_graph_task_id():
-            return left[1], left[2], left[3]
-        # Its _Normalize got no gradient in this pass (its output was not used):
-        # the statistics' share of dx still reaches its input.
-        node = self.normalizers[part]() if self.normalizers[part] is not None else None
-        if node is None:
-            raise RuntimeError("autosyncbn: the graph of a synchronized BatchNorm call was freed")
-        return None, node.saved_tensors[0], None
-
 
 def merge_parts(counts: Sequence[int], moments: Sequence[tuple[Tensor, Tensor]], inputs: Sequence[Tensor],
-                eps: float) -> tuple[Share, ...]:
+                weights: Sequence[Optional[Tensor]], eps: float) -> tuple[Share, ...]:
     """Every part lives in this process (DataParallel replica threads): merge their moments here."""
     device, dtype = moments[0][0].device, moments[0][0].dtype
-    stacked = torch.stack([_on(device, v) for pair in moments for v in pair]).view(len(moments), 2, -1)
-    call = LayerCall(chan_merge(tuple(counts), stacked.double()).to(dtype), sum(counts), eps, len(inputs))
-    stats = _MergeStatistics.apply(call, *inputs)
-    return tuple(Share(s, call, part) for part, s in enumerate(stats))
+    parts = len(moments)
+    stacked = torch.stack([_on(device, v) for pair in moments for v in pair]).view(parts, 2, -1)
+    call = LayerCall(chan_merge(tuple(counts), stacked.double()).to(dtype), sum(counts), eps)
+    outputs = _MergeStatistics.apply(call, *inputs, *weights)
+    return tuple(Share(outputs[part], outputs[parts + part], call, part) for part in range(parts))
 
 
 def merge_over(transport: MomentsTransport) -> Exchange:
     """An exchange for a process whose peers are other processes, reached through ``transport``."""
 
-    def exchange(input: Tensor, count: int, moments: tuple[Tensor, Tensor], eps: float) -> Share:
+    def exchange(input: Tensor, weight: Optional[Tensor], count: int, moments: tuple[Tensor, Tensor],
+                 eps: float) -> Share:
         with torch.no_grad():  # moving values: no autograd (the gradient comes back in backward)
             counts, gathered, _ = transport.gather(count, torch.stack(moments))
             merged = chan_merge(tuple(counts), gathered.double()).to(moments[0].dtype)
-        call = LayerCall(merged, transport.total, eps, 1, transport)
-        stats, = _MergeStatistics.apply(call, input)
-        return Share(stats, call, 0)
+        call = LayerCall(merged, transport.total, eps, transport)
+        view, stats = _MergeStatistics.apply(call, input, weight)
+        return Share(view, stats, call, 0)
 
     return exchange
 
 
 class _MergeStatistics(torch.autograd.Function):
-    """Every part's input -> the whole batch's (mean, var), one copy per part.
+    """Every part's input (and weight) -> each part's input again, as a view, and its copy of (mean, var).
 
     The statistics are merged before (``LayerCall.merged``); this node is where
-    their gradient comes back: it adds the parts' gradients of (mean, var)
-    and forms each part's dx, ``g_mean / N + 2 g_var (x - mean) / N`` plus dy's
-    direct share when ``_Normalize`` left it.
+    their gradient comes back. Backward adds the parts' gradients of (mean,
+    var) and forms each part's dx: ``g_mean / N + 2 g_var (x - mean) / N``
+    plus dy's direct share. The input view carries that share from
+    ``_Normalize``: ``scale * dy`` itself under ``create_graph=True``; else dy,
+    which this node multiplies by ``scale = weight / std`` while it forms dx
+    (one pass fewer). The view is private to ``_Normalize``, so no one else
+    sees that gradient. Saves every part's input (the one activation-sized
+    tensor a layer saves, as ``nn.BatchNorm`` does); ``_Normalize`` reads it
+    here.
     """
 
     @staticmethod
-    def forward(ctx: Any, call: LayerCall, *inputs: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, call: LayerCall, *inputs_and_weights: Optional[Tensor]) -> tuple[Tensor, ...]:
         ctx.call = call
         ctx.set_materialize_grads(False)
-        # A distinct tensor per part: each receives its own gradient.
+        ctx.save_for_backward(*inputs_and_weights)
+        inputs = inputs_and_weights[:len(inputs_and_weights) // 2]
         merged = call.merged
-        return tuple(merged.clone() if x.device == merged.device else merged.to(x.device) for x in inputs)
+        # A distinct statistics tensor per part: each receives its own gradient.
+        return (*(x.view_as(x) for x in inputs),  # type: ignore[union-attr]
+                *(merged.clone() if x.device == merged.device else merged.to(x.device) for x in inputs))  # type: ignore[union-attr]
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        call: LayerCall = ctx.call
-        if call.transport is not None:
-            return _input_gradients_over_transport(ctx, *grads)
-        return _input_gradients(ctx, grads)
+        raw_dy = not torch.is_grad_enabled()  # _Normalize ran in this same mode
+        if ctx.call.transport is not None:
+            return _input_gradients_over_transport(ctx, raw_dy, *grads)
+        return _input_gradients(ctx, raw_dy, grads)
 
 
-def _input_gradients(ctx: Any, grads: Sequence[Optional[Tensor]], summed: Optional[Tensor] = None
-                     ) -> tuple[Optional[Tensor], ...]:
-    """Each part's dx from the (mean, var) gradients of every part (``summed``: already added)."""
+def _input_gradients(ctx: Any, raw_dy: bool, grads: Sequence[Optional[Tensor]],
+                     summed: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
+    """Each part's dx (``summed``: the (mean, var) gradients already added over every part)."""
     call: LayerCall = ctx.call
+    parts = len(grads) // 2
+    saved = ctx.saved_tensors
+    inputs, weights = saved[:parts], saved[parts:]
+    needs_input = ctx.needs_input_grad[1:parts + 1]
+    if not any(needs_input):
+        return (None,) * (len(saved) + 1)
     device = call.merged.device
     if summed is None:
-        present = [_on(device, g) for g in grads if g is not None]
-        if not present:
-            return (None,) * (len(grads) + 1)
-        summed = present[0]
+        present = [_on(device, g) for g in grads[parts:] if g is not None]
+        summed = present[0] if present else torch.zeros_like(call.merged)
         for grad in present[1:]:  # in part order: results never depend on thread timing
             summed = summed + grad
-    differentiable = torch.is_grad_enabled()  # create_graph=True
-    parts = [call.take(part) for part in range(len(grads))]
     total = max(call.total, 1)
-    if differentiable:
-        # The mean as a function of every part's input, so second derivatives see it move.
-        mean = sum(_on(device, input.to(summed.dtype).sum(reduction_dims(input))) for _, input, _ in parts) / total
     slope = summed[1] * (2.0 / total)
     offset = summed[0] / total
-    grad_inputs = []
-    for part, (grad_output, input, scale) in enumerate(parts):
-        if not ctx.needs_input_grad[part + 1]:
-            grad_inputs.append(None)
-            continue
-        if differentiable:
-            shape = channel_view_shape(input)
-            centred = input.to(summed.dtype) - _on(input.device, mean).view(shape)
-            grad = centred * _on(input.device, slope).view(shape) + _on(input.device, offset).view(shape)
-            grad_inputs.append(grad.to(input.dtype))
+    grad_inputs: list = []
+    if raw_dy:
+        for part, input in enumerate(inputs):
+            grad_inputs.append(_input_gradient(call, grads[part], input, weights[part], slope, offset)
+                               if needs_input[part] else None)
+    else:
+        # create_graph=True: composite ops, with the mean as a function of every
+        # part's input, so second derivatives see it move (over a transport the
+        # other parts' inputs are elsewhere: once differentiable, the merged mean).
+        if call.transport is None:
+            mean = sum(_on(device, x.to(summed.dtype).sum(reduction_dims(x))) for x in inputs) / total
         else:
-            grad_inputs.append(_input_gradient(call, grad_output, input, scale, slope, offset))
-    return (None, *grad_inputs)
+            mean = call.mean
+        for part, input in enumerate(inputs):
+            if not needs_input[part]:
+                grad_inputs.append(None)
+                continue
+            shape = channel_view_shape(input)
+            on = input.device
+            share = ((input.to(summed.dtype) - _on(on, mean).view(shape)) * _on(on, slope).view(shape)
+                     + _on(on, offset).view(shape)).to(input.dtype)
+            grad_inputs.append(share if grads[part] is None else grads[part] + share)
+    return (None, *grad_inputs, *(None,) * parts)
 
 
 @torch.autograd.function.once_differentiable
-def _input_gradients_over_transport(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+def _input_gradients_over_transport(ctx: Any, raw_dy: bool, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """One part in this process: the (mean, var) gradients of all parts are added by one collective."""
     call: LayerCall = ctx.call
-    grad = grads[0] if grads[0] is not None else torch.zeros_like(call.merged)
+    grad = grads[1] if grads[1] is not None else torch.zeros_like(call.merged)
     summed = call.transport.sum_gradients(grad.double()).to(call.merged.dtype)  # type: ignore[union-attr]
-    return _input_gradients(ctx, grads, summed)
+    return _input_gradients(ctx, raw_dy, grads, summed)
 
 
-def _input_gradient(call: LayerCall, grad_output: Optional[Tensor], input: Tensor, scale: Optional[Tensor],
+def _input_gradient(call: LayerCall, grad_output: Optional[Tensor], input: Tensor, weight: Optional[Tensor],
                     slope: Tensor, offset: Tensor) -> Tensor:
     """``scale * dy + slope * (x - mean) + offset`` per channel, in two passes over the slice."""
     if input.numel() == 0:
         return torch.zeros_like(input)
-    mean = call.statistics(input.device)[0]
-    ones = call.coefficients(input.device)[2]
+    device = input.device
+    mean = call.statistics(device)[0]
+    invstd, _, ones = call.coefficients(device)
     accumulate = input.dtype != mean.dtype  # half input: accumulate in float32
-    slope, offset = _on(input.device, slope), _on(input.device, offset)
-    grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, slope, offset, ones)
+    grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, _on(device, slope),
+                          _on(device, offset), ones)
     if grad_output is not None:
-        grad.addcmul_(grad_output.to(mean.dtype) if accumulate else grad_output,
-                      scale.view(channel_view_shape(input)))  # type: ignore[union-attr]
+        scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+        grad.addcmul_(grad_output.to(mean.dtype) if accumulate else grad_output, scale.view(channel_view_shape(input)))
     return grad.to(input.dtype) if accumulate else grad
 
 
@@ -306,9 +308,13 @@ def _kernel_affine(param: Optional[Tensor], stats_dtype: torch.dtype) -> Optiona
     return param.to(stats_dtype)
 
 
-def sum_output_gradients(grad_output: Tensor, input: Tensor, mean: Tensor, var: Tensor,
-                         eps: float) -> tuple[Tensor, Tensor]:
-    """One fused pass: (sum(dy * xhat), sum(dy)) per channel, xhat normalized with (mean, var)."""
+def sum_output_gradients(grad_output: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float,
+                         ones: Tensor) -> tuple[Tensor, Tensor]:
+    """One fused pass: (sum(dy * xhat), sum(dy)) per channel, xhat normalized with (mean, var).
+
+    ``ones`` stands for the weight, which the sums do not depend on (CUDA's
+    kernel wants one to size them).
+    """
     if input.numel() == 0:
         # PyTorch's kernel divides by the element count; an empty slice adds nothing.
         return torch.zeros_like(mean), torch.zeros_like(mean)
@@ -316,7 +322,7 @@ def sum_output_gradients(grad_output: Tensor, input: Tensor, mean: Tensor, var: 
     # CUDA's kernel (as cuDNN's eval backward passes them); None trips its assert.
     unused = mean.new_empty(0)
     _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_output, input, None, mean, var, unused, unused, False, eps, [False, True, True],
+        grad_output, input, ones, mean, var, unused, unused, False, eps, [False, True, True],
     )
     return sum_dy_xhat, sum_dy
 
@@ -324,27 +330,29 @@ def sum_output_gradients(grad_output: Tensor, input: Tensor, mean: Tensor, var: 
 class _Normalize(torch.autograd.Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with the merged statistics of ``call``.
 
-    Backward returns the gradient of this part's copy of the statistics (and of
-    weight and bias); dy's direct share of dx goes to the merge node with the
-    input (see :meth:`LayerCall.leave`), which forms dx. Under the classic
-    'clamp' eps mode the variance is clamped at eps instead, and a clamped
-    channel's variance gets no gradient.
+    Backward returns the gradient of this part's copy of the statistics, of
+    weight and bias, and dy's direct share of dx for the merge node to finish
+    (see :class:`_MergeStatistics`). Under the classic 'clamp' eps mode the
+    variance is clamped at eps instead, and a clamped channel's variance gets
+    no gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 call: LayerCall, part: int) -> Tensor:
         mean, variance = call.statistics(input.device)
-        ctx.call, ctx.part = call, part
-        ctx.save_for_backward(input, stats, weight)
+        ctx.call, ctx.part, ctx.merge_node = call, part, stats.grad_fn
+        # The merge node saved the input; without one (no input or weight needs grad), save it here.
+        ctx.save_for_backward(input if ctx.merge_node is None else None, stats, weight)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        call.normalizers[part] = weakref.ref(ctx)
         return torch.native_batch_norm(input, _kernel_affine(weight, mean.dtype), _kernel_affine(bias, mean.dtype),
                                        mean, variance, False, 0.0, call.kernel_eps)[0]
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
         input, stats, weight = ctx.saved_tensors
+        if ctx.merge_node is not None:
+            input = ctx.merge_node.saved_tensors[ctx.part]
         call: LayerCall = ctx.call
         need_input, need_stats, need_weight, need_bias = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():
@@ -363,22 +371,22 @@ class _Normalize(torch.autograd.Function):
                 grad_var = grad_var * (var >= call.eps)
             grad_stats = torch.stack([(scale * sum_dy).neg(), grad_var]) if need_stats else None
             grad_input = (dy * scale.view(shape)).to(input.dtype) if need_input else None
-            if need_stats:
-                call.leave(ctx.part, None, input, None)
         else:
             mean, variance = call.statistics(input.device)
-            invstd, coefficients, _ = call.coefficients(input.device)
-            weight_in_stats_dtype = weight if weight is None or weight.dtype == invstd.dtype else weight.to(invstd.dtype)
-            scale = invstd if weight is None else invstd * weight_in_stats_dtype
-            sum_dy_xhat, sum_dy = sum_output_gradients(grad_output, input, mean, variance, call.kernel_eps)
-            grad_input = grad_stats = None
-            if need_stats:  # the merge node forms dx, with dy's direct share
+            invstd, coefficients, ones = call.coefficients(input.device)
+            sum_dy_xhat, sum_dy = sum_output_gradients(grad_output, input, mean, variance, call.kernel_eps, ones)
+            grad_stats = None
+            if need_stats:
                 grad_stats = torch.stack([sum_dy, sum_dy_xhat]).mul_(coefficients)
                 if weight is not None:
-                    grad_stats.mul_(weight_in_stats_dtype)
-                call.leave(ctx.part, grad_output, input, scale)
-            elif need_input:  # no merge node to form it (the statistics need no gradient)
+                    grad_stats.mul_(_as(weight, invstd.dtype))
+            if ctx.merge_node is not None:
+                grad_input = grad_output  # dy itself: the merge node scales it as it forms dx
+            elif need_input:
+                scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
                 grad_input = (grad_output * scale.view(channel_view_shape(input))).to(input.dtype)
+            else:
+                grad_input = None
         grad_weight = _as(sum_dy_xhat, weight.dtype) if need_weight else None
         grad_bias = _as(sum_dy, ctx.bias_dtype) if need_bias else None
         return grad_input, grad_stats, grad_weight, grad_bias, None, None
@@ -394,14 +402,14 @@ def sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     batch of one value per channel raises PyTorch's ``ValueError`` in every
     part alike; an empty whole batch gives empty outputs, as PyTorch does.
     """
-    share = exchange(input, values_per_channel(input), local_moments(input), eps)
+    share = exchange(input, weight, values_per_channel(input), local_moments(input), eps)
     call = share.call
     if call.total == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {call.total} value(s) per "
             f"channel over the whole batch (input size of this part {list(input.shape)})"
         )
-    return _Normalize.apply(input, share.stats, weight, bias, call, share.part), call
+    return _Normalize.apply(share.input, share.stats, weight, bias, call, share.part), call
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

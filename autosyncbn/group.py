@@ -27,8 +27,9 @@ class _Contribution:
     layer: str
     channels: int
     count: int
-    moments: Tensor
+    moments: "tuple[Tensor, Tensor]"
     input: Tensor
+    weight: Optional[Tensor]
     eps: float
 
 
@@ -90,8 +91,9 @@ class ReplicaGroup:
         call = state.calls
         state.calls += 1
 
-        def exchange(input: Tensor, count: int, moments: Tensor, eps: float) -> Share:
-            return self._meet(replica, call, _Contribution(layer, channels, count, moments, input, eps))
+        def exchange(input: Tensor, weight: Optional[Tensor], count: int, moments: "tuple[Tensor, Tensor]",
+                     eps: float) -> Share:
+            return self._meet(replica, call, _Contribution(layer, channels, count, moments, input, weight, eps))
 
         return exchange
 
@@ -167,7 +169,8 @@ class ReplicaGroup:
             return
         try:
             slot.results = list(merge_parts([c.count for c in contributions], [c.moments for c in contributions],
-                                            [c.input for c in contributions], first.eps))
+                                            [c.input for c in contributions], [c.weight for c in contributions],
+                                            first.eps))
         except Exception as error:  # surfaced in every replica, never left waiting
             failure = error
             slot.error = lambda replica: SyncBatchNormError(

@@ -52,15 +52,15 @@ def main() -> dict:
     def pytorch() -> None:
         layer(x).backward(grad)
 
-    def alone(input, count, moments, eps):  # noqa: ANN001 - an exchange with no peers
-        return functional.merge_parts([count], [moments], [input], eps)[0]
+    def alone(input, weight, count, moments, eps):  # noqa: ANN001 - an exchange with no peers
+        return functional.merge_parts([count], [moments], [input], [weight], eps)[0]
 
     def ours() -> None:
         out, _ = functional.sync_batch_norm(x, layer.weight, layer.bias, 1e-5, alone)
         out.backward(grad)
 
     def merge() -> None:
-        functional.merge_parts([4096] * 4, moments, parts, 1e-5)
+        functional.merge_parts([4096] * 4, moments, parts, [layer.weight] * 4, 1e-5)
 
     context = ReplicaContext(ReplicaGroup(4, 10.0), 0, layer, ReplicaPlan(10.0, include_plain=True))
 

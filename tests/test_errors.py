@@ -97,7 +97,7 @@ def test_peer_error_names_the_failing_replica_and_call():
     group.replica_finished(1, ArithmeticError("boom"))
     exchange = group.exchange_for(0, "layer1.bn", 3)
     with pytest.raises(autosyncbn.PeerFailedError, match=r"replica 0 was waiting at BatchNorm call 0 \(layer 'layer1.bn'\), but replica 1 raised.*ArithmeticError: boom"):
-        exchange(torch.zeros(4, 3), 4, torch.zeros(2, 3), 1e-5)
+        exchange(torch.zeros(4, 3), None, 4, (torch.zeros(3), torch.zeros(3)), 1e-5)
 
 
 def test_replica_without_batchnorm_while_others_call_it():
@@ -108,7 +108,7 @@ def test_timeout_when_a_peer_never_arrives():
     group = autosyncbn.group.ReplicaGroup(2, timeout=0.2)
     start = time.monotonic()
     with pytest.raises(autosyncbn.SyncTimeoutError, match=r"replica 0 waited 0.2s at BatchNorm call 0 \(layer 'bn'\).*\[1\]"):
-        group.exchange_for(0, "bn", 3)(torch.zeros(4, 3), 4, torch.zeros(2, 3), 1e-5)
+        group.exchange_for(0, "bn", 3)(torch.zeros(4, 3), None, 4, (torch.zeros(3), torch.zeros(3)), 1e-5)
     assert time.monotonic() - start < 2
 
 

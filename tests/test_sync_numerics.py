@@ -176,3 +176,57 @@ def test_lazy_batchnorm_once_materialized():
         assert_close_to_scale(out, ref_out, what="output")
         assert_close_to_scale(x.grad, x_ref.grad, what="input grad")
         assert_models_match(trained, reference)
+
+
+class _DropsItsOutputInOneReplica(nn.Module):
+    """Replica 0 (first row positive) keeps the BatchNorm output; replica 1 discards it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return y if x[0, 0] > 0 else x * 2
+
+
+def test_replica_that_discards_its_output_still_gets_the_statistics_share():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[0, 0], x[3, 0] = 1.0, -1.0
+    model = _DropsItsOutputInOneReplica().double()
+    reference_x = x.clone().requires_grad_()
+    y = copy.deepcopy(model).bn(reference_x)
+    torch.cat([y[:3], reference_x[3:] * 2]).square().sum().backward()
+
+    ours_x = x.clone().requires_grad_()
+    with autosyncbn.patched():
+        EmulatedDataParallel(model, 2)(ours_x).square().sum().backward()
+    torch.testing.assert_close(ours_x.grad, reference_x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_concurrent_backward_passes_over_one_graph_stay_apart():
+    import threading
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 16, dtype=torch.float64, requires_grad=True)
+    with autosyncbn.patched():
+        y = EmulatedDataParallel(nn.BatchNorm1d(8).double(), 2)(x)
+    loss = (y * torch.randn_like(y)).sum()
+    expected, = torch.autograd.grad(loss, [x], retain_graph=True)
+    reference, = torch.autograd.grad((nn.functional.batch_norm(x, None, None, training=True)
+                                      * torch.autograd.grad(loss, [y], retain_graph=True)[0]).sum(), [x])
+    torch.testing.assert_close(expected, reference, rtol=1e-10, atol=1e-12)
+    errors = []
+
+    def backward_many_times() -> None:
+        for _ in range(20):
+            got, = torch.autograd.grad(loss, [x], retain_graph=True)
+            errors.append((got - expected).abs().max().item())
+
+    threads = [threading.Thread(target=backward_many_times) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(errors) == 40 and max(errors) == 0.0
