@@ -165,10 +165,11 @@ class LayerCall:
 def merge_parts(counts: Sequence[int], moments: Sequence[tuple[Tensor, Tensor]], inputs: Sequence[Tensor],
                 weights: Sequence[Optional[Tensor]], eps: float) -> tuple[Share, ...]:
     """Every part lives in this process (DataParallel replica threads): merge their moments here."""
-    device, dtype = moments[0][0].device, moments[0][0].dtype
+    device = moments[0][0].device
     parts = len(moments)
     stacked = torch.stack([_on(device, v) for pair in moments for v in pair]).view(parts, 2, -1)
-    call = LayerCall(chan_merge(tuple(counts), stacked.double()).to(dtype), sum(counts), eps)
+    # Merged in float64: the merge adds no error of its own.
+    call = LayerCall(chan_merge(tuple(counts), stacked.double()).to(stacked.dtype), sum(counts), eps)
     outputs = _MergeStatistics.apply(call, *inputs, *weights)
     return tuple(Share(outputs[part], outputs[parts + part], call, part) for part in range(parts))
 

@@ -60,27 +60,32 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def count_weights(counts: tuple[int, ...], device: torch.device) -> Tensor:
-    """n_i / N in float64, one per part (cached: a forward's calls usually share one split)."""
+def count_weights(counts: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """n_i / N, one per part, shaped (parts, 1, 1) (cached: a forward's calls usually share one split)."""
     total = float(sum(counts)) or 1.0  # all-empty: zeros (and nothing to normalize)
     # Cached across calls: never an inference tensor, which backward could not save.
     with torch.inference_mode(False):
-        return torch.tensor([n / total for n in counts], dtype=torch.float64, device=device)
+        return torch.tensor([n / total for n in counts], dtype=dtype, device=device).view(-1, 1, 1)
 
 
 def chan_merge(counts: tuple[int, ...], moments: Tensor) -> Tensor:
     """Chan's parallel merge of per-part moments into the whole batch's (2, C) (mean, biased var).
 
-    ``moments`` is (parts, 2, C): each part's mean and biased variance, in
-    float64 so the merge adds no error of its own. With weights w_i = n_i / N:
-    ``mean = sum w_i mean_i`` and ``var = sum w_i (var_i + (mean_i - mean)^2)``.
-    No large sums are subtracted, so inputs with a large mean and a small
-    spread keep their precision.
+    ``moments`` is (parts, 2, C): each part's mean and biased variance (callers
+    pass float64, so the merge adds no error of its own). With weights w_i = n_i / N: ``mean = sum w_i mean_i``
+    and ``var = sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums
+    are subtracted, so inputs with a large mean and a small spread keep their
+    precision. The even split (equal counts, the usual case) is the same
+    formula with plain means over the parts, in fewer ops: the merge is the
+    one step of a synchronized call that the replicas wait for.
     """
-    weights = count_weights(counts, moments.device)
-    merged = torch.mv(moments.flatten(1).t(), weights).view(moments.shape[1:])
-    deviation = (moments[:, 0] - merged[0]).square_()
-    merged[1].add_(torch.mv(deviation.t(), weights))
+    if len(set(counts)) == 1:
+        merged = moments.mean(0)
+        merged[1].add_((moments[:, 0] - merged[0]).square_().mean(0))
+        return merged
+    weights = count_weights(counts, moments.device, moments.dtype)
+    merged = (moments * weights).sum(0)
+    merged[1].add_(((moments[:, :1] - merged[0]).square_() * weights).sum(0)[0])
     return merged
 
 

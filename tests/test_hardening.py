@@ -392,7 +392,7 @@ def test_cached_count_weights_are_never_inference_tensors():
     from autosyncbn.moments import count_weights
 
     with torch.inference_mode():
-        weights = count_weights((3, 5, 7), torch.device("cpu"))
+        weights = count_weights((3, 5, 7), torch.device("cpu"), torch.float32)
     assert not weights.is_inference()
 
 
