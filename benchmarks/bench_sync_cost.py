@@ -42,7 +42,7 @@ def variants(model: torch.nn.Module, replicas: int) -> dict:
     }
 
 
-def main(repeats: int = 12, replica_counts=(2, 4, 8), sizes=("small", "medium")) -> dict:
+def main(repeats: int = 20, replica_counts=(2, 4, 8), sizes=("small", "medium")) -> dict:
     torch.manual_seed(0)
     rows: dict = {}
     print("synchronization cost: training step, ResNet-style CNN (13 BatchNorm), emulated replicas;"

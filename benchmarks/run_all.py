@@ -1,6 +1,6 @@
 """Run every benchmark and the demo, write results/*.json, and refresh README.md's figures.
 
-    python benchmarks/run_all.py            # CPU benchmarks + the demo (about 10 minutes on 2 cores)
+    python benchmarks/run_all.py            # CPU benchmarks + the demo (about 5 minutes on 2 cores)
     python benchmarks/run_all.py --no-demo  # benchmarks only
     python benchmarks/run_all.py --gpu      # also the GPU benchmark (needs CUDA)
 
