@@ -201,7 +201,9 @@ class _MergeStatistics(torch.autograd.Function):
     (one pass fewer). The view is private to ``_Normalize``, so no one else
     sees that gradient. Saves every part's input (the one activation-sized
     tensor a layer saves, as ``nn.BatchNorm`` does); ``_Normalize`` reads it
-    here.
+    here. In replica threads they are saved by the thread that merges (the
+    last to arrive), under its saved-tensor hooks: replicas run the same code,
+    so those are the hooks every replica set (``save_on_cpu`` works).
     """
 
     @staticmethod
