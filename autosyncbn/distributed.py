@@ -110,17 +110,15 @@ class ProcessGroupTransport:
         with _lock:
             counter = _call_counters.setdefault(id(group), itertools.count())
             self.call = next(counter)
-        self.total = 0
         self.channels = 0
 
     # -- functional.MomentsTransport -------------------------------------------
-    def gather(self, count: int, moments: Tensor) -> tuple[list[int], Tensor, int]:
-        self.channels = moments.shape[1]
-        rows, headers = self._exchange(FORWARD, count, moments[0], moments[1])
+    def gather(self, count: int, mean: Tensor, var: Tensor) -> tuple[list[int], Tensor]:
+        self.channels = mean.shape[0]
+        rows, headers = self._exchange(FORWARD, count, mean, var)
         counts = [int(header[3]) for header in headers]
-        self.total = sum(counts)
-        means, variances = self._vectors(rows, moments[0], moments[1])
-        return counts, torch.stack([means, variances], 1), dist.get_rank(self.group)
+        means, variances = self._vectors(rows, mean, var)
+        return counts, torch.stack([means, variances], 1)
 
     def sum_gradients(self, grad: Tensor) -> Tensor:
         rows, _ = self._exchange(BACKWARD, 0, grad[0], grad[1])

@@ -57,11 +57,8 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 class MomentsTransport(Protocol):
     """How per-part moments and their gradients travel between processes (one per call)."""
 
-    total: int
-    """The whole batch's value count per channel, known once :meth:`gather` ran."""
-
-    def gather(self, count: int, moments: Tensor) -> "tuple[list[int], Tensor, int]":
-        """Every part's count and (2, C) moments (stacked: parts, 2, C), and this part's index."""
+    def gather(self, count: int, mean: Tensor, var: Tensor) -> "tuple[list[int], Tensor]":
+        """Every part's value count and (mean, var), stacked as (parts, 2, C)."""
 
     def sum_gradients(self, grad: Tensor) -> Tensor:
         """The (2, C) gradient of the merged (mean, var), summed over every part."""
@@ -115,8 +112,15 @@ def _on(device: torch.device, tensor: Tensor) -> Tensor:
     return tensor if tensor.device == device else tensor.to(device)
 
 
-def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+def _as(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``tensor`` in ``dtype`` (None stays None). PyTorch's mixed-precision BatchNorm
+    kernels want float32 weight and bias with the float32 statistics of a half input."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _scale(invstd: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """``weight / std`` per channel: how much of dy reaches dx directly."""
+    return invstd if weight is None else invstd * _as(weight, invstd.dtype)
 
 
 class LayerCall:
@@ -180,9 +184,9 @@ def merge_over(transport: MomentsTransport) -> Exchange:
     def exchange(input: Tensor, weight: Optional[Tensor], count: int, moments: tuple[Tensor, Tensor],
                  eps: float) -> Share:
         with torch.no_grad():  # moving values: no autograd (the gradient comes back in backward)
-            counts, gathered, _ = transport.gather(count, torch.stack(moments))
+            counts, gathered = transport.gather(count, *moments)
             merged = chan_merge(tuple(counts), gathered.double()).to(moments[0].dtype)
-        call = LayerCall(merged, transport.total, eps, transport)
+        call = LayerCall(merged, sum(counts), eps, transport)
         view, stats = _MergeStatistics.apply(call, input, weight)
         return Share(view, stats, call, 0)
 
@@ -214,8 +218,10 @@ class _MergeStatistics(torch.autograd.Function):
         inputs = inputs_and_weights[:len(inputs_and_weights) // 2]
         merged = call.merged
         # A distinct statistics tensor per part: each receives its own gradient.
-        return (*(x.view_as(x) for x in inputs),  # type: ignore[union-attr]
-                *(merged.clone() if x.device == merged.device else merged.to(x.device) for x in inputs))  # type: ignore[union-attr]
+        views = (x.view_as(x) for x in inputs)  # type: ignore[union-attr]
+        stats = (merged.clone() if x.device == merged.device else merged.to(x.device)  # type: ignore[union-attr]
+                 for x in inputs)
+        return (*views, *stats)
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
@@ -290,7 +296,7 @@ def _input_gradient(call: LayerCall, grad_output: Optional[Tensor], input: Tenso
     grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, _on(device, slope),
                           _on(device, offset), ones)
     if grad_output is not None:
-        scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+        scale = _scale(invstd, weight)
         grad.addcmul_(grad_output.to(mean.dtype) if accumulate else grad_output, scale.view(channel_view_shape(input)))
     return grad.to(input.dtype) if accumulate else grad
 
@@ -304,13 +310,6 @@ def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, 
 
 
 # -- normalization ---------------------------------------------------------------
-def _kernel_affine(param: Optional[Tensor], stats_dtype: torch.dtype) -> Optional[Tensor]:
-    """PyTorch's mixed-precision BatchNorm kernels want float32 affine params with float32 stats."""
-    if param is None or param.dtype == stats_dtype:
-        return param
-    return param.to(stats_dtype)
-
-
 def sum_output_gradients(grad_output: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float,
                          ones: Tensor) -> tuple[Tensor, Tensor]:
     """One fused pass: (sum(dy * xhat), sum(dy)) per channel, xhat normalized with (mean, var).
@@ -348,7 +347,7 @@ class _Normalize(torch.autograd.Function):
         # The merge node saved the input; without one (no input or weight needs grad), save it here.
         ctx.save_for_backward(input if ctx.merge_node is None else None, stats, weight)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return torch.native_batch_norm(input, _kernel_affine(weight, mean.dtype), _kernel_affine(bias, mean.dtype),
+        return torch.native_batch_norm(input, _as(weight, mean.dtype), _as(bias, mean.dtype),
                                        mean, variance, False, 0.0, call.kernel_eps)[0]
 
     @staticmethod
@@ -364,7 +363,7 @@ class _Normalize(torch.autograd.Function):
             mean, var = stats[0], stats[1]
             variance = var.clamp(min=call.eps) if call.clamp else var
             invstd = (variance + call.kernel_eps).rsqrt()
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            scale = _scale(invstd, weight)
             shape, dims = channel_view_shape(input), reduction_dims(input)
             dy = grad_output.to(mean.dtype)
             sum_dy = dy.sum(dims)
@@ -386,7 +385,7 @@ class _Normalize(torch.autograd.Function):
             if ctx.merge_node is not None:
                 grad_input = grad_output  # dy itself: the merge node scales it as it forms dx
             elif need_input:
-                scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+                scale = _scale(invstd, weight)
                 grad_input = (grad_output * scale.view(channel_view_shape(input))).to(input.dtype)
             else:
                 grad_input = None

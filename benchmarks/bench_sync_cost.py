@@ -12,9 +12,14 @@ unsynchronized step:
 
 Targets at 4 replicas: autosyncbn <= floor + 0.05x, and >= 15% faster than
 classic. Writes results/sync_cost.json.
+
+``--split`` times instead the forward alone and the whole step of each
+variant at 4 replicas, "small" size, and prints backward as their
+difference: where a variant's cost lies (writes nothing).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 
@@ -68,5 +73,43 @@ def main(repeats: int = 20, replica_counts=(2, 4, 8), sizes=("small", "medium"))
     return result
 
 
+def split(repeats: int = 20, replicas: int = 4, size: str = "small") -> dict:
+    """Forward and backward of each variant, in ms over the unsynchronized step's."""
+    torch.manual_seed(0)
+    config = SIZES[size]
+    x = torch.randn(config["per_replica"] * replicas, 3, config["image"], config["image"])
+    models = variants(resnet_like(width=config["width"], blocks=6), replicas)
+
+    def forward(model):
+        return lambda: model(x)
+
+    candidates = {}
+    for name, model in models.items():
+        candidates[f"{name}/step"] = training_step(model, x)
+        candidates[f"{name}/forward"] = forward(model)
+    scopes = {"autosyncbn/step": autosyncbn.patched, "autosyncbn/forward": autosyncbn.patched}
+    medians = interleaved_medians(candidates, repeats, scopes=scopes)
+    base_forward = medians["unsynchronized/forward"]
+    base_backward = medians["unsynchronized/step"] - base_forward
+    print(f"forward and backward (step - forward), {size}, {replicas} replicas: ms over the unsynchronized "
+          f"step's ({base_forward * 1e3:.1f} ms forward, {base_backward * 1e3:.1f} ms backward)")
+    extra = {}
+    for name in models:
+        if name == "unsynchronized":
+            continue
+        forward_s = medians[f"{name}/forward"]
+        backward_s = medians[f"{name}/step"] - forward_s
+        extra[name] = {"forward_ms": (forward_s - base_forward) * 1e3,
+                       "backward_ms": (backward_s - base_backward) * 1e3}
+        print(f"  {name:<11} forward {extra[name]['forward_ms']:+7.2f} ms"
+              f"   backward {extra[name]['backward_ms']:+7.2f} ms")
+    return extra
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", action="store_true", help="forward and backward apart, 4 replicas, small")
+    if parser.parse_args().split:
+        split()
+    else:
+        main()

@@ -19,7 +19,7 @@ Prints microseconds; writes results/profile.json.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -52,7 +52,9 @@ def main() -> dict:
     def pytorch() -> None:
         layer(x).backward(grad)
 
-    def alone(input, weight, count, moments, eps):  # noqa: ANN001 - an exchange with no peers
+    def alone(input: torch.Tensor, weight: Optional[torch.Tensor], count: int,
+              moments: tuple[torch.Tensor, torch.Tensor], eps: float) -> functional.Share:
+        """An exchange with no peers: this slice merged alone."""
         return functional.merge_parts([count], [moments], [input], [weight], eps)[0]
 
     def ours() -> None:
