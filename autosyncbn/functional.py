@@ -231,6 +231,20 @@ class _MergeStatistics(torch.autograd.Function):
         return _input_gradients(ctx, raw_dy, grads)
 
 
+def _statistics_gradient(call: LayerCall, grads: Sequence[Optional[Tensor]]) -> Tensor:
+    """The gradient of the merged (mean, var): every part's, added in one stack and one sum.
+
+    The parts' gradients are honest in both backward modes: in a second backward
+    (gradient penalties) they also arrive from the graph the first one built.
+    A fixed order: results never depend on thread timing.
+    """
+    device = call.merged.device
+    present = [_on(device, grad) for grad in grads if grad is not None]
+    if not present:  # no part's output was used
+        return torch.zeros_like(call.merged)
+    return present[0] if len(present) == 1 else torch.stack(present).sum(0)
+
+
 def _input_gradients(ctx: Any, raw_dy: bool, grads: Sequence[Optional[Tensor]],
                      summed: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
     """Each part's dx (``summed``: the (mean, var) gradients already added over every part)."""
@@ -243,10 +257,7 @@ def _input_gradients(ctx: Any, raw_dy: bool, grads: Sequence[Optional[Tensor]],
         return (None,) * (len(saved) + 1)
     device = call.merged.device
     if summed is None:
-        present = [_on(device, g) for g in grads[parts:] if g is not None]
-        summed = present[0] if present else torch.zeros_like(call.merged)
-        for grad in present[1:]:  # in part order: results never depend on thread timing
-            summed = summed + grad
+        summed = _statistics_gradient(call, grads[parts:])
     total = max(call.total, 1)
     slope = summed[1] * (2.0 / total)
     offset = summed[0] / total
@@ -279,7 +290,7 @@ def _input_gradients(ctx: Any, raw_dy: bool, grads: Sequence[Optional[Tensor]],
 def _input_gradients_over_transport(ctx: Any, raw_dy: bool, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """One part in this process: the (mean, var) gradients of all parts are added by one collective."""
     call: LayerCall = ctx.call
-    grad = grads[1] if grads[1] is not None else torch.zeros_like(call.merged)
+    grad = _statistics_gradient(call, grads[1:])
     summed = call.transport.sum_gradients(grad.double()).to(call.merged.dtype)  # type: ignore[union-attr]
     return _input_gradients(ctx, raw_dy, grads, summed)
 
