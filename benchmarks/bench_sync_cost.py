@@ -3,11 +3,13 @@
 A ResNet-style CNN (13 BatchNorm layers) with 2, 4 and 8 CPU replicas in
 threads, at two sizes: "small" (16 channels, 32x32, 4 samples per replica),
 where per-call costs dominate, and "medium" (32 channels, 64x64, 2 samples per
-replica). Four variants run interleaved in one process, each relative to the
+replica). Five variants run interleaved in one process, each relative to the
 unsynchronized step:
 
 - ``autosyncbn``: the plain model under ``autosyncbn.patched()``;
 - ``floor``: BatchNorm that only waits at a barrier of all replicas;
+- ``split floor``: the same, split as a synchronized BatchNorm must be
+  (statistics kernel, barrier, normalization kernel), with no Python around;
 - ``classic``: the classic sync_batchnorm algorithm (sums through queues).
 
 Targets at 4 replicas: autosyncbn <= floor + 0.05x, and >= 15% faster than
@@ -28,13 +30,13 @@ import torch
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel
 from common import interleaved_medians, resnet_like, training_step, write_json
-from peers import BarrierBatchNorm2d, ClassicSyncBatchNorm2d, with_batchnorm
+from peers import BarrierBatchNorm2d, ClassicSyncBatchNorm2d, SplitBarrierBatchNorm2d, with_batchnorm
 
 SIZES = {"small": dict(width=16, image=32, per_replica=4), "medium": dict(width=32, image=64, per_replica=2)}
 
 
 def variants(model: torch.nn.Module, replicas: int) -> dict:
-    """The four steps to time, each on its own copy of the same model."""
+    """The steps to time, each on its own copy of the same model."""
     def parallel(make=None):
         copy_ = copy.deepcopy(model)
         return EmulatedDataParallel(with_batchnorm(copy_, make) if make else copy_, replicas)
@@ -43,6 +45,7 @@ def variants(model: torch.nn.Module, replicas: int) -> dict:
         "unsynchronized": parallel(),
         "autosyncbn": parallel(),
         "floor": parallel(functools.partial(BarrierBatchNorm2d, replicas=replicas)),
+        "split floor": parallel(functools.partial(SplitBarrierBatchNorm2d, replicas=replicas)),
         "classic": parallel(functools.partial(ClassicSyncBatchNorm2d, replicas=replicas)),
     }
 
@@ -64,7 +67,7 @@ def main(repeats: int = 20, replica_counts=(2, 4, 8), sizes=("small", "medium"))
                                           "ratios": ratios, "ratio": ratios["autosyncbn"]}
             print(f"  {size:<6} {replicas} replicas: unsynchronized {medians['unsynchronized'] * 1e3:7.2f} ms"
                   f"   autosyncbn {ratios['autosyncbn']:.3f}x   floor {ratios['floor']:.3f}x"
-                  f"   classic {ratios['classic']:.3f}x"
+                  f"   split floor {ratios['split floor']:.3f}x   classic {ratios['classic']:.3f}x"
                   + (f"   (target <= floor + 0.05 = {ratios['floor'] + 0.05:.3f}x, "
                      f"{1 - medians['autosyncbn'] / medians['classic']:.0%} faster than classic; target >= 15%)"
                      if replicas == 4 else ""))
@@ -101,7 +104,7 @@ def split(repeats: int = 20, replicas: int = 4, size: str = "small") -> dict:
         backward_s = medians[f"{name}/step"] - forward_s
         extra[name] = {"forward_ms": (forward_s - base_forward) * 1e3,
                        "backward_ms": (backward_s - base_backward) * 1e3}
-        print(f"  {name:<11} forward {extra[name]['forward_ms']:+7.2f} ms"
+        print(f"  {name:<12} forward {extra[name]['forward_ms']:+7.2f} ms"
               f"   backward {extra[name]['backward_ms']:+7.2f} ms")
     return extra
 

@@ -3,6 +3,8 @@
 - :class:`BarrierBatchNorm2d` only waits at a barrier of all replicas, then
   normalizes its own slice: the cost of meeting at all, the floor any
   synchronized BatchNorm pays on emulated replicas.
+- :class:`SplitBarrierBatchNorm2d` is that floor split as a synchronized
+  BatchNorm must be: statistics kernel, barrier, normalization kernel.
 - :class:`ClassicSyncBatchNorm2d` is the classic ``sync_batchnorm`` algorithm:
   every replica sends the sum and the sum of squares of its slice to replica 0
   through a queue; replica 0 computes the mean and inverse std and sends them
@@ -39,6 +41,22 @@ class BarrierBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         self.barrier.wait(timeout=60)
         return super().forward(x)
+
+
+class SplitBarrierBatchNorm2d(BarrierBatchNorm2d):
+    """The floor in the shape every synchronized BatchNorm has: statistics, the meeting, normalization.
+
+    PyTorch's statistics kernel, the barrier, then its eval-mode kernel with
+    those (per-slice) statistics: the same kernels and waits as autosyncbn,
+    with no Python around them. The gap between this and autosyncbn is
+    autosyncbn's per-call Python (decision, exchange, merge, autograd nodes).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        self.barrier.wait(timeout=60)
+        return torch.batch_norm(x, self.weight, self.bias, mean, var, False, 0.0, self.eps, False)
 
 
 class _Master:

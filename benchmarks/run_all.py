@@ -46,7 +46,8 @@ def table(results: dict) -> str:
         target = "<= floor + 0.05x, >= 15% faster than classic" if replicas == "4" else ""
         rows.append(f"| synchronized step, {size} ({config['width']}ch, {config['image']}px, "
                     f"{config['per_replica']}/replica), {replicas} replicas | {ratios['autosyncbn']:.3f}x | "
-                    f"floor {ratios['floor']:.3f}x, classic {ratios['classic']:.3f}x | {target} |")
+                    f"floor {ratios['floor']:.3f}x, split floor {ratios['split floor']:.3f}x, "
+                    f"classic {ratios['classic']:.3f}x | {target} |")
     for label, row in results["layer"]["by_shape"].items():
         rows.append(f"| one layer fwd+bwd, {label} | {row['ratio']:.2f}x | | <= 1.5x |")
     for label, row in results["memory"]["by_shape"].items():
