@@ -48,11 +48,12 @@ def _in_step() -> None:
 def _collective_latency(repeats: int = 50) -> float:
     record = torch.zeros(HEADER + 2 * FIRST_CHANNELS, dtype=torch.float64)
     out = torch.empty(dist.get_world_size() * record.numel(), dtype=torch.float64)
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # as distributed.py
     samples = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
-        dist.all_gather_into_tensor(out, record)
+        gather_into(out, record)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
