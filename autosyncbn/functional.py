@@ -232,15 +232,17 @@ class _MergeStatistics(torch.autograd.Function):
 
 
 def _statistics_gradient(call: LayerCall, grads: Sequence[Optional[Tensor]]) -> Tensor:
-    """The gradient of the merged (mean, var): every part's, added in one stack and one sum.
+    """The (2, C) gradient of the merged (mean, var) in this process, from the statistics half of ``grads``.
 
-    The parts' gradients are honest in both backward modes: in a second backward
-    (gradient penalties) they also arrive from the graph the first one built.
-    A fixed order: results never depend on thread timing.
+    Each entry is one part's true gradient with respect to its copy of (mean,
+    var) (differentiable under ``create_graph=True``, so the sum is too); None
+    where a part's output was not used. Replica threads: every part's, added
+    here in one stack and one sum, a fixed order, so results never depend on
+    thread timing. Processes: this process's one part (the collective adds the rest).
     """
     device = call.merged.device
     present = [_on(device, grad) for grad in grads if grad is not None]
-    if not present:  # no part's output was used
+    if not present:  # defensive: autograd skips this node when no part's output was used
         return torch.zeros_like(call.merged)
     return present[0] if len(present) == 1 else torch.stack(present).sum(0)
 
