@@ -16,7 +16,7 @@ part of the batch (a replica thread or a process)::
 Backward runs the same way back. Each ``_Normalize`` sums dy and dy * xhat
 over its slice (one pass) and returns the gradient of its statistics and of
 weight and bias; ``_MergeStatistics`` adds those gradients over every part
-(threads: here, in part order; processes: one collective of 2C values) and
+(threads: here, in a fixed order; processes: one collective of 2C values) and
 forms every part's dx in one more pass:
 
     dx = scale * dy + g_mean / N + 2 g_var (x - mean) / N,   scale = weight / std
@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .eps_mode import get_sbn_eps_mode
 from .moments import (
+    as_dtype,
     chan_merge,
     channel_view_shape,
     local_moments,
@@ -112,15 +113,9 @@ def _on(device: torch.device, tensor: Tensor) -> Tensor:
     return tensor if tensor.device == device else tensor.to(device)
 
 
-def _as(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """``tensor`` in ``dtype`` (None stays None). PyTorch's mixed-precision BatchNorm
-    kernels want float32 weight and bias with the float32 statistics of a half input."""
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
-
-
 def _scale(invstd: Tensor, weight: Optional[Tensor]) -> Tensor:
     """``weight / std`` per channel: how much of dy reaches dx directly."""
-    return invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    return invstd if weight is None else invstd * as_dtype(weight, invstd.dtype)
 
 
 class LayerCall:
@@ -172,8 +167,7 @@ def merge_parts(counts: Sequence[int], moments: Sequence[tuple[Tensor, Tensor]],
     device = moments[0][0].device
     parts = len(moments)
     stacked = torch.stack([_on(device, v) for pair in moments for v in pair]).view(parts, 2, -1)
-    # Merged in float64: the merge adds no error of its own.
-    call = LayerCall(chan_merge(tuple(counts), stacked.double()).to(stacked.dtype), sum(counts), eps)
+    call = LayerCall(chan_merge(tuple(counts), stacked, stacked.dtype), sum(counts), eps)
     outputs = _MergeStatistics.apply(call, *inputs, *weights)
     return tuple(Share(outputs[part], outputs[parts + part], call, part) for part in range(parts))
 
@@ -185,7 +179,7 @@ def merge_over(transport: MomentsTransport) -> Exchange:
                  eps: float) -> Share:
         with torch.no_grad():  # moving values: no autograd (the gradient comes back in backward)
             counts, gathered = transport.gather(count, *moments)
-            merged = chan_merge(tuple(counts), gathered.double()).to(moments[0].dtype)
+            merged = chan_merge(tuple(counts), gathered, moments[0].dtype)
         call = LayerCall(merged, sum(counts), eps, transport)
         view, stats = _MergeStatistics.apply(call, input, weight)
         return Share(view, stats, call, 0)
@@ -360,7 +354,8 @@ class _Normalize(torch.autograd.Function):
         # The merge node saved the input; without one (no input or weight needs grad), save it here.
         ctx.save_for_backward(input if ctx.merge_node is None else None, stats, weight)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return torch.native_batch_norm(input, _as(weight, mean.dtype), _as(bias, mean.dtype),
+        # PyTorch's mixed-precision kernels want float32 weight and bias with the float32 statistics of a half input.
+        return torch.native_batch_norm(input, as_dtype(weight, mean.dtype), as_dtype(bias, mean.dtype),
                                        mean, variance, False, 0.0, call.kernel_eps)[0]
 
     @staticmethod
@@ -394,7 +389,7 @@ class _Normalize(torch.autograd.Function):
             if need_stats:
                 grad_stats = torch.stack([sum_dy, sum_dy_xhat]).mul_(coefficients)
                 if weight is not None:
-                    grad_stats.mul_(_as(weight, invstd.dtype))
+                    grad_stats.mul_(as_dtype(weight, invstd.dtype))
             if ctx.merge_node is not None:
                 grad_input = grad_output  # dy itself: the merge node scales it as it forms dx
             elif need_input:
@@ -402,8 +397,8 @@ class _Normalize(torch.autograd.Function):
                 grad_input = (grad_output * scale.view(channel_view_shape(input))).to(input.dtype)
             else:
                 grad_input = None
-        grad_weight = _as(sum_dy_xhat, weight.dtype) if need_weight else None
-        grad_bias = _as(sum_dy, ctx.bias_dtype) if need_bias else None
+        grad_weight = as_dtype(sum_dy_xhat, weight.dtype) if need_weight else None
+        grad_bias = as_dtype(sum_dy, ctx.bias_dtype) if need_bias else None
         return grad_input, grad_stats, grad_weight, grad_bias, None, None
 
 

@@ -31,6 +31,11 @@ def reduction_dims(input: Tensor) -> list[int]:
     return [0] + list(range(2, input.dim()))
 
 
+def as_dtype(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``tensor`` in ``dtype``; no cast call when it already is (None stays None)."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
 def values_per_channel(input: Tensor) -> int:
     """How many values each channel of ``input`` holds: N * prod(spatial)."""
     channels = input.shape[1]
@@ -68,25 +73,27 @@ def count_weights(counts: tuple[int, ...], device: torch.device, dtype: torch.dt
         return torch.tensor([n / total for n in counts], dtype=dtype, device=device).view(-1, 1, 1)
 
 
-def chan_merge(counts: tuple[int, ...], moments: Tensor) -> Tensor:
+def chan_merge(counts: tuple[int, ...], moments: Tensor, dtype: torch.dtype) -> Tensor:
     """Chan's parallel merge of per-part moments into the whole batch's (2, C) (mean, biased var).
 
-    ``moments`` is (parts, 2, C): each part's mean and biased variance (callers
-    pass float64, so the merge adds no error of its own). With weights w_i = n_i / N: ``mean = sum w_i mean_i``
-    and ``var = sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums
-    are subtracted, so inputs with a large mean and a small spread keep their
+    ``moments`` is (parts, 2, C): each part's mean and biased variance. The
+    merge runs in float64, so it adds no error of its own, and returns
+    ``dtype``. With weights w_i = n_i / N: ``mean = sum w_i mean_i`` and
+    ``var = sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums are
+    subtracted, so inputs with a large mean and a small spread keep their
     precision. The even split (equal counts, the usual case) is the same
     formula with plain means over the parts, in fewer ops: the merge is the
     one step of a synchronized call that the replicas wait for.
     """
+    moments = moments.double()
     if len(set(counts)) == 1:
         merged = moments.mean(0)
         merged[1].add_((moments[:, 0] - merged[0]).square_().mean(0))
-        return merged
-    weights = count_weights(counts, moments.device, moments.dtype)
-    merged = (moments * weights).sum(0)
-    merged[1].add_(((moments[:, :1] - merged[0]).square_() * weights).sum(0)[0])
-    return merged
+    else:
+        weights = count_weights(counts, moments.device, moments.dtype)
+        merged = (moments * weights).sum(0)
+        merged[1].add_(((moments[:, :1] - merged[0]).square_() * weights).sum(0)[0])
+    return merged.to(dtype)
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
@@ -96,8 +103,6 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
     Buffers and statistics never require grad here, so autograd records nothing.
     """
     if running_mean is not None:
-        running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
+        running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
     if running_var is not None:
-        unbiased = var * (count / (count - 1))
-        running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype),
-                          momentum)
+        running_var.lerp_(as_dtype(var * (count / (count - 1)), running_var.dtype), momentum)

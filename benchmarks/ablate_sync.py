@@ -30,8 +30,8 @@ from bench_sync_cost import SIZES, variants
 from common import interleaved_medians, resnet_like, training_step
 
 
-def _first_part(counts, moments):
-    return moments[0].clone()
+def _first_part(counts, moments, dtype):
+    return moments[0].to(dtype, copy=True)
 
 
 def _copies(call, *inputs_and_weights):
