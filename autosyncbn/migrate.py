@@ -32,11 +32,21 @@ What is left as it is and reported (``file:line: why``), never guessed:
   spell the full path), star imports, module objects used otherwise, and
   files libcst cannot parse that mention a vendored folder's name.
 
+``--write`` is all or nothing. First every file to rewrite must be a readable,
+writable file in a writable folder, and every folder to delete must be
+deletable (its parent and each folder in it writable). Then each new file is
+written to a temporary beside it, with the old file's permission bits, as is
+a copy of the old content; only then are the temporaries renamed over the
+files (``os.replace``) and the vendored folders renamed aside, each step
+undone if a later one fails. A file that changed since it was read stops it
+too. On any failure nothing is changed and one line says which file and why:
+``autosyncbn migrate: cannot write modeling/aspp.py: Permission denied; nothing was changed``.
+
 Exit status: 0 when everything found was migrated (or there was nothing to
-migrate), 1 when something was left for the user, 2 when the command could
-not run (libcst missing, PATH not a folder, ``--delete-vendored`` without
-``--write``). The diff goes to stdout alone, so ``> migrate.patch`` is a clean
-patch; messages go to stderr.
+migrate), 1 when something was left for the user or ``--write`` was refused,
+2 when the command could not run (libcst missing, PATH not a folder,
+``--delete-vendored`` without ``--write``). The diff goes to stdout alone, so
+``> migrate.patch`` is a clean patch; messages go to stderr.
 
 Not seen: code outside PATH, ``importlib``/``__import__`` with a string, and
 names re-exported through another package (``from lib.nn import
@@ -48,12 +58,19 @@ libcst is known to be installed, so the other commands never need it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import errno
+import functools
 import os
 import shutil
+import stat
 import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:  # libcst is optional: migrate_imports is imported once main() knows it is there
     from .migrate_imports import Locate, Rewrite
@@ -131,6 +148,33 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+class Refused(Exception):
+    """Why the migration was not applied; ``left`` names what an undo could not put back."""
+
+    def __init__(self, message: str, left: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message, self.left = message, list(left)
+
+    def __str__(self) -> str:
+        if not self.left:
+            return f"{self.message}; nothing was changed"
+        return f"{self.message}; changed and could not be put back: {', '.join(self.left)}"
+
+
+@contextlib.contextmanager
+def _refusing(what: str) -> Iterator[None]:
+    """An OSError inside becomes ``Refused("<what>: <reason>")``."""
+    try:
+        yield
+    except OSError as error:
+        raise Refused(f"{what}: {error.strerror or error}") from error
+
+
+def _name(root: Path, path: Path) -> str:
+    """``path`` as the messages show it: relative to PATH when inside it."""
+    return path.relative_to(root).as_posix() if path == root or root in path.parents else str(path)
+
+
 def _rewrite_all(root: Path, vendored: "list[Path]") -> "tuple[dict[Path, Rewrite], list[str]]":
     """Each changed file's rewrite, and every ``file:line: why`` left for the user."""
     from .migrate_imports import ParseError, rewrite_imports
@@ -139,7 +183,8 @@ def _rewrite_all(root: Path, vendored: "list[Path]") -> "tuple[dict[Path, Rewrit
     issues: "list[str]" = []
     for file in python_files(root, vendored):
         name = file.relative_to(root).as_posix()
-        source = file.read_bytes()
+        with _refusing(f"cannot read {name}"):
+            source = file.read_bytes()
         try:
             rewrite = rewrite_imports(source, locator(root, vendored, file))
         except (ParseError, SyntaxError, ValueError):  # Python 2, a syntax error, an unknown encoding
@@ -151,6 +196,142 @@ def _rewrite_all(root: Path, vendored: "list[Path]") -> "tuple[dict[Path, Rewrit
         if rewrite.changed:
             changed[file] = rewrite
     return changed, issues
+
+
+def _denied(path: Path) -> str:
+    """Why ``os.access`` refused ``path``: a read-only file system, or its permissions."""
+    with contextlib.suppress(OSError, AttributeError):  # statvfs is POSIX only
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+    return os.strerror(errno.EACCES)
+
+
+def _check(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> None:
+    """Refuse before anything is written: each file to rewrite readable and writable in a writable
+    folder; each folder to delete in a writable parent, and it and its subfolders writable."""
+    for file in changed:
+        name, target = _name(root, file), Path(os.path.realpath(file))  # a symlink: its target is rewritten
+        if not target.is_file():
+            raise Refused(f"cannot write {name}: {os.strerror(errno.EISDIR if target.is_dir() else errno.ENOENT)}")
+        if not os.access(target, os.R_OK | os.W_OK):
+            raise Refused(f"cannot write {name}: {_denied(target)}")
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise Refused(f"cannot write {name}: {_denied(target.parent)} "
+                          f"(folder {_name(root, target.parent)})")
+    for copy in doomed:
+        name = _name(root, copy)
+
+        def refuse(error: OSError) -> None:
+            raise Refused(f"cannot delete {name}: {error.strerror or error}")
+
+        for folder in [copy.parent] + [Path(current) for current, _, _ in os.walk(copy, onerror=refuse)]:
+            access = os.W_OK | os.X_OK | (os.R_OK if folder != copy.parent else 0)
+            if not os.access(folder, access):
+                raise Refused(f"cannot delete {name}: {_denied(folder)} (folder {_name(root, folder)})")
+
+
+def _temporary(folder: Path, data: bytes, like: os.stat_result) -> Path:
+    """A new hidden file in ``folder`` holding ``data``, with the owner and permission bits of ``like``."""
+    handle, path = tempfile.mkstemp(dir=folder, prefix=".autosyncbn-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        mine = os.stat(path)
+        if hasattr(os, "chown") and (mine.st_uid, mine.st_gid) != (like.st_uid, like.st_gid):
+            with contextlib.suppress(PermissionError):  # only root may give a file away: else it is ours
+                os.chown(path, like.st_uid, like.st_gid)
+        os.chmod(path, stat.S_IMODE(like.st_mode))  # after chown, which may clear set-id bits
+    except BaseException:
+        os.unlink(path)
+        raise
+    return Path(path)
+
+
+@dataclass
+class _Staged:
+    """One file ready to be replaced: its new content and a copy of its old one wait beside it."""
+
+    name: str  # as the messages show it
+    target: Path  # the real file (a symlink's target)
+    old: bytes  # as read: it must still be there when replaced
+    new_file: Path
+    backup: Path  # renamed back over ``target`` to undo
+
+
+def _stage(root: Path, file: Path, rewrite: "Rewrite") -> _Staged:
+    """Write ``file``'s two temporaries, or raise Refused and leave none."""
+    name, target = _name(root, file), Path(os.path.realpath(file))
+    with _refusing(f"cannot write {name}"):
+        like = os.stat(target)
+        new_file = _temporary(target.parent, rewrite.new_bytes, like)
+        try:
+            backup = _temporary(target.parent, rewrite.old_bytes, like)
+        except BaseException:
+            new_file.unlink()
+            raise
+    return _Staged(name, target, rewrite.old_bytes, new_file, backup)
+
+
+def _undo(steps: "list[tuple[str, Callable[[], object]]]") -> "list[str]":
+    """Run the undo steps, last first; the names of those that failed."""
+    failed = []
+    for name, step in reversed(steps):
+        try:
+            step()
+        except OSError:
+            failed.append(name)
+    return failed
+
+
+def _apply(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> "list[str]":
+    """Write every rewrite and delete every folder in ``doomed``, or change nothing and raise Refused.
+
+    Nothing is touched until every check passed and every temporary is written;
+    what follows are renames, each undone if a later one fails. Returns what
+    could not be cleaned up once everything was applied (a deleted folder's files).
+    """
+    _check(root, changed, doomed)
+    staged: "list[_Staged]" = []
+    undo: "list[tuple[str, Callable[[], object]]]" = []
+    trash: "list[Path]" = []
+    try:
+        for file, rewrite in changed.items():
+            staged.append(_stage(root, file, rewrite))
+        for item in staged:
+            with _refusing(f"cannot write {item.name}"):
+                if item.target.read_bytes() != item.old:
+                    raise Refused(f"cannot write {item.name}: it changed while being migrated")
+        for copy in doomed:  # renamed aside now, deleted once everything else is done
+            aside = copy.with_name(f".{copy.name}.{uuid.uuid4().hex[:8]}.autosyncbn-deleted")
+            name = _name(root, copy)
+            with _refusing(f"cannot delete {name}"):
+                os.rename(copy, aside)
+            undo.append((f"{name} (now {_name(root, aside)})", functools.partial(os.rename, aside, copy)))
+            trash.append(aside)
+        for item in staged:
+            with _refusing(f"cannot write {item.name}"):
+                os.replace(item.new_file, item.target)
+            undo.append((item.name, functools.partial(os.replace, item.backup, item.target)))
+    except Refused as refused:
+        refused.left = _undo(undo)
+        raise
+    except BaseException:
+        _undo(undo)
+        raise
+    finally:
+        for item in staged:
+            for temporary in (item.new_file, item.backup):
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
+    left = []
+    for aside in trash:
+        try:
+            shutil.rmtree(aside)
+        except OSError as error:
+            left.append(f"could not delete all of {_name(root, aside)}: {error.strerror or error}; delete it by hand")
+    return left
 
 
 def _print_diff(root: Path, changed: "dict[Path, Rewrite]") -> None:
@@ -180,16 +361,20 @@ def main(args: argparse.Namespace) -> int:
     if not vendored:
         _say(f"No vendored sync_batchnorm found under {args.path}: nothing to migrate.")
         return 0
+    try:
+        changed, issues = _rewrite_all(root, vendored)
+        doomed = vendored if args.delete_vendored and not issues else []
+        left = _apply(root, changed, doomed) if args.write else []
+    except Refused as refused:
+        _say(f"autosyncbn migrate: {refused}")
+        return 1
     for copy in vendored:
         _say(f"Vendored sync_batchnorm: {copy.relative_to(root).as_posix()}")
-    changed, issues = _rewrite_all(root, vendored)
     _print_diff(root, changed)
 
     if not changed:
         _say("No import to rewrite.")
     elif args.write:
-        for file, rewrite in changed.items():
-            file.write_bytes(rewrite.new_bytes)
         _say(f"Rewrote {len(changed)} file(s).")
     else:
         _say(f"{len(changed)} file(s) would change; run again with --write to apply the diff above.")
@@ -202,7 +387,8 @@ def main(args: argparse.Namespace) -> int:
         if issues:
             _say("Kept the vendored copy: the imports above still use it.")
         else:
-            for copy in vendored:
-                shutil.rmtree(copy)
+            for copy in doomed:
                 _say(f"Deleted {copy.relative_to(root).as_posix()}")
-    return 1 if issues else 0
+    for problem in left:
+        _say(f"autosyncbn migrate: {problem}")
+    return 1 if issues or left else 0

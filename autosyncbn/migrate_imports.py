@@ -50,6 +50,7 @@ class Rewrite:
 
     old: str
     new: str
+    old_bytes: bytes  # the file as read: writing checks it has not changed since
     new_bytes: bytes  # in the file's own encoding, ready to write
     issues: "list[Issue]" = field(default_factory=list)
 
@@ -63,7 +64,7 @@ def rewrite_imports(source: bytes, locate: Locate) -> Rewrite:
     module = cst.parse_module(source)
     rewriter = _ImportRewriter(locate)
     new_module = cst.MetadataWrapper(module).visit(rewriter)
-    return Rewrite(module.code, new_module.code, new_module.bytes, sorted(rewriter.issues))
+    return Rewrite(module.code, new_module.code, source, new_module.bytes, sorted(rewriter.issues))
 
 
 def _dotted(node: cst.BaseExpression) -> "tuple[str, ...]":

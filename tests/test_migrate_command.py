@@ -5,8 +5,10 @@ model with ``modeling/sync_batchnorm/`` vendored); each test migrates a copy.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from autosyncbn import migrate as migrate_module
 from autosyncbn.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,3 +319,219 @@ def test_without_libcst_says_how_to_install_it(repo, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "libcst", None)  # `import libcst` now raises ImportError
     assert migrate(repo) == 2
     assert 'pip install "autosyncbn[migrate]"' in capsys.readouterr().err
+
+
+# --write is all or nothing. The tests run as root, which chmod does not stop, so a denied
+# permission is simulated (os.access says no, as it would to a user) and failures while
+# applying are injected into os.fsync / os.replace / os.rename, or made real by changing
+# a file between the checks and the writes.
+
+IMPORTER = "from modeling.sync_batchnorm import SynchronizedBatchNorm2d\n"
+
+
+def state(root: Path) -> "dict[str, tuple[object, int]]":
+    """Every file's bytes and every entry's permission bits, temporaries and hidden folders included."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() and not p.is_symlink() else None,
+                                              stat.S_IMODE(p.lstat().st_mode))
+            for p in sorted(root.rglob("*"))}
+
+
+def refusal(capsys) -> str:
+    """The one line the command printed, checking that it printed nothing else."""
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1 and "Traceback" not in printed.err, printed
+    return printed.err.rstrip("\n")
+
+
+@pytest.fixture
+def deny(monkeypatch):
+    """``deny(path)``: chmod it read-only and make os.access refuse writing it, as for a user who is not root."""
+    modes = {}
+
+    def deny(path: Path) -> None:
+        modes[path] = path.stat().st_mode
+        path.chmod(stat.S_IMODE(modes[path]) & ~0o222)
+        denied.add(os.path.realpath(path))
+
+    denied: "set[str]" = set()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and os.path.realpath(path) in denied:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    yield deny
+    for path, mode in modes.items():
+        if path.exists():
+            path.chmod(mode)
+
+
+@pytest.fixture
+def importing(vendored_only: Path) -> Path:
+    """The vendored copy and a train.py importing from it: --delete-vendored deletes the copy."""
+    (vendored_only / "train.py").write_text(IMPORTER)
+    return vendored_only
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("denied, message", [
+    ("modeling/aspp.py", "cannot write modeling/aspp.py: Permission denied"),
+    ("modeling/backbone", "cannot write modeling/backbone/resnet.py: Permission denied (folder modeling/backbone)"),
+], ids=["read-only file", "read-only folder"])
+def test_write_refuses_a_file_it_cannot_write(repo, capsys, deny, denied, message):
+    deny(repo / denied)
+    before = state(repo)
+    assert migrate(repo, "--write") == 1
+    assert state(repo) == before
+    assert refusal(capsys) == f"autosyncbn migrate: {message}; nothing was changed"
+
+
+@pytest.mark.timeout(60)
+def test_write_refuses_a_file_that_became_a_folder(repo, capsys, monkeypatch):
+    """A real failure under root too: aspp.py turns into a folder after it was read."""
+    read = migrate_module._rewrite_all
+
+    def read_then_replace_aspp(*args):
+        result = read(*args)
+        (repo / "modeling" / "aspp.py").unlink()
+        (repo / "modeling" / "aspp.py").mkdir()
+        return result
+
+    monkeypatch.setattr(migrate_module, "_rewrite_all", read_then_replace_aspp)
+    before = state(repo)
+    assert migrate(repo, "--write") == 1
+    after = state(repo)
+    assert after.pop("modeling/aspp.py")[0] is None  # still the folder put there
+    before.pop("modeling/aspp.py")
+    assert after == before
+    assert refusal(capsys) == "autosyncbn migrate: cannot write modeling/aspp.py: Is a directory; nothing was changed"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("denied", ["modeling", "modeling/sync_batchnorm"], ids=["its parent", "itself"])
+def test_delete_vendored_refuses_a_copy_it_cannot_delete(importing, capsys, deny, denied):
+    deny(importing / denied)
+    before = state(importing)
+    assert migrate(importing, "--write", "--delete-vendored") == 1
+    assert state(importing) == before  # train.py is not rewritten either
+    assert refusal(capsys) == (f"autosyncbn migrate: cannot delete {VENDORED}: Permission denied "
+                               f"(folder {denied}); nothing was changed")
+
+
+def fail(name: str, when, error: OSError):
+    """``os.<name>`` that raises ``error`` on the call for which ``when(number, *args)`` is true."""
+    real, calls = getattr(os, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if when(len(calls), *args):
+            raise error
+        return real(*args, **kwargs)
+
+    return name, failing, calls
+
+
+def is_file(path: str):
+    """``when`` for a call whose last path argument is ``path`` under the repository."""
+    return lambda root: lambda number, *args: os.path.realpath(args[-1]) == os.path.realpath(root / path)
+
+
+DENIED = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def replacing_train_once_moved_aside(root: Path):
+    """``when`` for replacing train.py, checking the vendored copy was moved aside before it."""
+    def when(number, source, target):
+        if os.path.realpath(target) != os.path.realpath(root / "train.py"):
+            return False
+        assert not (root / VENDORED).exists()  # an AssertionError would come out of migrate()
+        return True
+    return when
+
+
+# (repository fixture, more arguments, os function and when it fails, calls made, message)
+MIDWAY = {
+    # fsync runs once per temporary, two per file (new, and a copy of the old): the 6th is
+    # deeplab.py's second, after train.py, aspp.py and half of deeplab.py are written.
+    "disk full while writing the temporaries": (
+        "repo", (), lambda root: fail("fsync", lambda number, *args: number == 6,
+                                      OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+        6, "cannot write modeling/deeplab.py: No space left on device"),
+    # train.py and aspp.py are replaced already: two more replaces put them back.
+    "a replace fails after two files were replaced": (
+        "repo", (), lambda root: fail("replace", is_file("modeling/deeplab.py")(root), DENIED),
+        3 + 2, "cannot write modeling/deeplab.py: Permission denied"),
+    # The copy was moved aside already: a rename brings it back.
+    "a replace fails after the copy was moved aside": (
+        "importing", ("--delete-vendored",),
+        lambda root: fail("replace", replacing_train_once_moved_aside(root), DENIED),
+        1, "cannot write train.py: Permission denied"),
+    "the copy cannot be moved aside": (
+        "importing", ("--delete-vendored",),
+        lambda root: fail("rename", lambda number, *args: os.path.realpath(args[0]) == str(root / VENDORED), DENIED),
+        1, f"cannot delete {VENDORED}: Permission denied"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(MIDWAY))
+def test_failure_while_applying_changes_nothing(request, capsys, monkeypatch, case):
+    kind, args, failure, calls_made, message = MIDWAY[case]
+    root = request.getfixturevalue(kind)
+    before = state(root)
+    name, failing, calls = failure(root)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, name, failing)
+        assert migrate(root, "--write", *args) == 1
+    assert len(calls) == calls_made  # it failed where the case says, and the undo ran
+    assert state(root) == before  # originals back in place, no temporary left behind
+    assert refusal(capsys) == f"autosyncbn migrate: {message}; nothing was changed"
+
+
+@pytest.mark.timeout(60)
+def test_file_changed_during_migration_is_not_overwritten(repo, capsys, monkeypatch):
+    """A real failure under root too: the user saves resnet.py between the checks and the writes."""
+    check = migrate_module._check
+    resnet = repo / "modeling" / "backbone" / "resnet.py"
+
+    def check_then_edit(*args):
+        check(*args)
+        with resnet.open("a") as stream:
+            stream.write("# saved meanwhile\n")
+
+    monkeypatch.setattr(migrate_module, "_check", check_then_edit)
+    before = state(repo)
+    assert migrate(repo, "--write") == 1
+    edited = resnet.read_bytes()
+    assert edited.endswith(b"# saved meanwhile\n")
+    assert state(repo) == {**before, "modeling/backbone/resnet.py": (edited, before["modeling/backbone/resnet.py"][1])}
+    assert refusal(capsys) == ("autosyncbn migrate: cannot write modeling/backbone/resnet.py: "
+                               "it changed while being migrated; nothing was changed")
+
+
+@pytest.mark.timeout(60)
+def test_write_keeps_permission_bits_and_leaves_no_temporaries(repo, capsys):
+    (repo / "train.py").chmod(0o755)
+    (repo / "modeling" / "aspp.py").chmod(0o600)
+    before = state(repo)
+    assert migrate(repo, "--write") == 1  # SyncMaster is left for the user
+    contents = expected_after(snapshot_of(before))
+    assert state(repo) == {name: (contents.get(name), mode) for name, (_, mode) in before.items()}
+    assert "Rewrote 4 file(s)." in capsys.readouterr().err
+
+
+def snapshot_of(entries: "dict[str, tuple[object, int]]") -> "dict[str, bytes]":
+    return {name: data for name, (data, _) in entries.items() if data is not None}
+
+
+@pytest.mark.timeout(60)
+def test_write_through_a_symlink_rewrites_its_target(vendored_only, tmp_path, capsys):
+    shared = tmp_path / "shared.py"
+    shared.write_text(IMPORTER)
+    (vendored_only / "train.py").symlink_to(shared)
+    assert migrate(vendored_only, "--write", "--delete-vendored") == 0
+    assert (vendored_only / "train.py").is_symlink()
+    assert shared.read_text() == "from autosyncbn import SynchronizedBatchNorm2d\n"
+    assert not (vendored_only / VENDORED).exists() and sorted(os.listdir(vendored_only / "modeling")) == ["__init__.py"]
