@@ -17,6 +17,26 @@ wider than 512 channels gather the rest in a second collective once the
 headers agree. On disagreement the ranks gather each other's layer names in
 one more fixed-size collective, so every message names layers in words.
 
+Ranks get back in step after a disagreement. Every rank sees every header,
+so all restart their call numbers at the same value (one past the largest
+seen). A disagreement between forwards (or between backwards) makes every
+rank raise at that call, and the next calls synchronize again. A rank that
+makes no backward for a step while its peers do (it skipped it: "loss is NaN,
+skip the step"; or it ran that step's training forward under
+``torch.no_grad()``) goes on to its next step's forward, which meets its
+peers' backward: every rank raises ``ReplicaMismatchError`` there, the
+peers in that backward (that step's gradient would lack the skipping rank's
+share), the skipping rank in its next step's forward. The peers are then one step
+behind, so their next forward over the group raises ``ReplicaMismatchError``
+too, at once and without a collective. So for a training loop that goes on
+to its next batch after the error, the step after the skip fails on every
+rank and the steps after it synchronize as before. No rank is left inside a
+collective its peers do not enter: a ``dist.barrier()`` afterwards returns.
+An extra training-mode forward on one rank only (one for logging, without
+``eval()``) cannot be told from a skipped backward: its statistics mix with
+the peers' next forward unnoticed and the ranks end up a step apart. Run
+such passes in ``eval()`` mode.
+
 A rank that stops calling BatchNorm leaves its peers waiting in a collective
 until the process group's own timeout (``init_process_group(timeout=...)``).
 In a child process made by ``fork`` (DataLoader workers), process groups
@@ -24,7 +44,6 @@ inherited from the parent are never used.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import zlib
@@ -49,7 +68,9 @@ FORWARD, BACKWARD = 1.0, 2.0
 _DIRECTION = {FORWARD: "forward", BACKWARD: "backward"}
 
 _lock = threading.Lock()
-_call_counters: dict[int, itertools.count] = {}
+_next_call: dict[int, int] = {}  # per group (by id): the call number of this process's next call
+_owed_drops: dict[int, tuple[int, str]] = {}  # per group: the peers' next call and why this process's
+# next forward raises without a collective (it is a step behind them)
 _inherited_groups: list = []  # groups that existed when this process was forked from its parent
 
 
@@ -86,6 +107,10 @@ def _fingerprint(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def _ranks(ranks: list) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(rank) for rank in ranks)
+
+
 def _gather(tensor: Tensor, group: Any) -> Tensor:
     world = dist.get_world_size(group)
     out = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
@@ -107,14 +132,16 @@ class ProcessGroupTransport:
         self.group = group
         self.layer = layer
         self.fingerprint = _fingerprint(layer)
+        self._key = id(group)
         with _lock:
-            counter = _call_counters.setdefault(id(group), itertools.count())
-            self.call = next(counter)
+            self.call = _next_call.get(self._key, 0)
+            _next_call[self._key] = self.call + 1
         self.channels = 0
 
     # -- functional.MomentsTransport -------------------------------------------
     def gather(self, count: int, mean: Tensor, var: Tensor) -> tuple[list[int], Tensor]:
         self.channels = mean.shape[0]
+        self._drop_if_behind()
         rows, headers = self._exchange(FORWARD, count, mean, var)
         counts = [int(header[3]) for header in headers]
         means, variances = self._vectors(rows, mean, var)
@@ -152,7 +179,21 @@ class ProcessGroupTransport:
             seconds = torch.cat([seconds, rest[:, self.channels - shown:]], dim=1)
         return firsts, seconds
 
+    def _drop_if_behind(self) -> None:
+        """Owed since the last disagreement: this forward raises, no collective (peers dropped a step)."""
+        with _lock:
+            owed = _owed_drops.pop(self._key, None)
+            if owed is not None:
+                # The peers' next call has the number every rank agreed on at the disagreement.
+                _next_call[self._key], reason = owed
+        if owed is not None:
+            raise ReplicaMismatchError(
+                f"on rank {dist.get_rank(self.group)} (group rank) at layer '{self.layer}': this "
+                f"forward did not synchronize: {reason}"
+            )
+
     def _raise_disagreement(self, headers: list, device: torch.device) -> None:
+        """Every rank raises alike, after agreeing (from the same headers) on how to get back in step."""
         names = self._gather_names(device)
         me = dist.get_rank(self.group)
         detail = "; ".join(
@@ -160,12 +201,34 @@ class ProcessGroupTransport:
             f"('{names[rank]}', {int(channels)} channels)"
             for rank, (direction, call, channels, _, _) in enumerate(headers)
         )
-        directions = {direction for direction, *_ in headers}
-        cause = (
-            "A rank skipped a backward (or ran one more): every rank must run backward "
-            "through the same synchronized calls, or none." if len(directions) > 1 else
-            "Every rank must run the same synchronized BatchNorm calls in the same order."
-        )
+        directions = [direction for direction, *_ in headers]
+        behind = [rank for rank, direction in enumerate(directions) if direction == BACKWARD]
+        mixed = FORWARD in directions and bool(behind)
+        ahead = [rank for rank in range(len(headers)) if rank not in behind]
+        with _lock:
+            # Every rank computes the same number from the same headers: the next calls agree.
+            realigned = int(max(call for _, call, *_ in headers)) + 1
+            _next_call[self._key] = realigned
+            _owed_drops.pop(self._key, None)
+            if mixed and me in behind:
+                _owed_drops[self._key] = realigned, (
+                    f"at the previous synchronized call (layer '{self.layer}', call {self.call}) this "
+                    f"rank ran a backward while {_ranks(ahead)} {'were' if len(ahead) > 1 else 'was'} "
+                    f"already in a forward (no backward for {'their' if len(ahead) > 1 else 'its'} last "
+                    f"step: skipped, or run under torch.no_grad()) and lost that step there. This rank "
+                    f"drops this one, so that every rank's next step synchronizes again."
+                )
+        if mixed:
+            cause = (
+                "A rank skipped a backward (or ran one more, or ran a training forward under "
+                "torch.no_grad()): every rank must run backward through the same synchronized "
+                f"calls, or none. Ranks realign: {_ranks(behind)}, one step behind, "
+                f"raise{'' if len(behind) > 1 else 's'} this error again at {'their' if len(behind) > 1 else 'its'} "
+                f"next forward without synchronizing; the steps after that synchronize again."
+            )
+        else:
+            cause = ("Every rank must run the same synchronized BatchNorm calls in the same order. "
+                     "Every rank raised here; the next calls synchronize again.")
         raise ReplicaMismatchError(
             f"on rank {me} (group rank) at layer '{self.layer}': ranks disagree: {detail}. {cause}"
         )

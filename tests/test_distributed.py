@@ -270,10 +270,11 @@ def worker_skipped_backward(rank, world):
     assert "rank 0: forward" in message and "rank 1: backward" in message, message
     assert "'1'" in message or "'3'" in message, message  # layers named in words, no hashes
     assert "#" not in message, message
+    assert "Ranks realign: rank 1, one step behind" in message, message
 
 
 def test_a_rank_that_skips_a_backward_gets_a_clear_error_not_an_abort():
-    run_ranks(worker_skipped_backward, 2, leave_together=False)
+    run_ranks(worker_skipped_backward, 2)  # and the ranks leave together: a barrier works after it
 
 
 def _apply_batchnorm_in_a_worker(index):
@@ -297,3 +298,125 @@ def worker_dataloader_fork(rank, world):
 
 def test_dataloader_fork_workers_never_use_the_parents_process_group():
     run_ranks(worker_dataloader_fork, 2, deadline=60)
+
+
+# -- recovery: ranks realign after a step out of step ------------------------------------
+def _wide_model():
+    """One layer wider than the 512 channels of the first record: its second collective runs too."""
+    return nn.Sequential(nn.Linear(3, 520), nn.BatchNorm1d(520), nn.Tanh(), nn.Linear(520, 4), nn.BatchNorm1d(4))
+
+
+def worker_recovers(rank, world, kind, odd_rank, k):
+    """``odd_rank`` makes no backward at step ``k`` ("loss is NaN, skip" or a forward under no_grad).
+
+    Expected: step k fails on the ranks that ran a backward (their gradient lacks
+    the odd rank's share), step k + 1 fails on every rank, changing nothing, and
+    every later step matches one process with the whole batch; a barrier returns.
+    """
+    steps, sizes = 6, (4, 3, 5)[:world]
+    torch.manual_seed(0)
+    base = _wide_model()
+    reference = copy.deepcopy(base)
+    model = autosyncbn.convert_model(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(3)
+    outcomes, messages = [], {}
+    for step in range(steps):
+        x_all = torch.randn(sum(sizes), 3, generator=generator) * 2 + 1
+        target_all = torch.randn(sum(sizes), 4, generator=generator)
+        x_all.requires_grad_()
+        ref_out = None
+        if step == k:  # the step every rank ran forward but not every rank backward: statistics only
+            with torch.no_grad():
+                reference(x_all)
+        elif step == k + 1:  # fails on every rank at the first layer, which (as nn.BatchNorm) counted the batch
+            reference[1].num_batches_tracked += 1
+        else:
+            ref_out = reference(x_all)
+            loss_of(ref_out, target_all).backward()
+        x = _slice(sizes, x_all.detach(), rank).clone().requires_grad_()
+        target = _slice(sizes, target_all, rank)
+        try:
+            if kind == "no_grad" and rank == odd_rank and step == k:
+                with torch.no_grad():  # a training-mode forward: synchronized, but no backward follows
+                    model(x)
+                outcomes.append("forward only")
+                continue
+            out = model(x)
+            if kind == "skip" and rank == odd_rank and step == k:
+                outcomes.append("skipped")  # "loss is NaN, skip the step"
+                continue
+            ((out * target).sum() + (out - target).square().sum() / x_all.shape[0] / 4).backward()
+        except autosyncbn.ReplicaMismatchError as error:
+            outcomes.append("mismatch")
+            messages[step] = str(error)
+            opt.zero_grad()  # a backward that failed half-way leaves partial gradients
+            assert_models_match(model, reference)  # and changes no parameter or running statistic
+            continue
+        outcomes.append("synchronized")
+        assert ref_out is not None, f"rank {rank}: step {step} synchronized, expected a mismatch"
+        assert_close_to_scale(out, _slice(sizes, ref_out.detach(), rank), what=f"rank {rank} step {step} output")
+        assert_close_to_scale(x.grad, _slice(sizes, x_all.grad, rank), what=f"rank {rank} step {step} input grad")
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        assert_models_match(model, reference)
+        opt.step(); ref_opt.step(); opt.zero_grad(); ref_opt.zero_grad()
+    expected = ["synchronized"] * steps
+    expected[k] = ({"skip": "skipped", "no_grad": "forward only"}[kind] if rank == odd_rank else "mismatch")
+    expected[k + 1] = "mismatch"
+    assert outcomes == expected, (rank, outcomes, messages)
+    if rank == odd_rank:
+        assert f"rank {odd_rank}: forward" in messages[k + 1] and "realign" in messages[k + 1], messages
+    else:
+        assert "backward of call" in messages[k] and "Ranks realign" in messages[k], messages
+        dropped = messages[k + 1]  # raised at once, without a collective: this rank was a step behind
+        assert "did not synchronize" in dropped and f"while rank {odd_rank} was already in a forward" in dropped, dropped
+    assert_models_match(model, reference)
+    start = time.monotonic()
+    dist.barrier()  # no rank is left inside a collective the others never enter
+    assert time.monotonic() - start < 10
+    return outcomes
+
+
+@pytest.mark.parametrize("kind, world, odd_rank, k", [
+    ("skip", 2, 1, 2),
+    ("skip", 3, 0, 1),
+    ("no_grad", 2, 0, 2),
+], ids=["rank1-skips-backward", "3-ranks-rank0-skips-backward", "rank0-forward-under-no_grad"])
+def test_ranks_realign_after_a_rank_makes_no_backward(kind, world, odd_rank, k):
+    outcomes = run_ranks(worker_recovers, world, kind, odd_rank, k, deadline=150, pg_timeout=20)
+    assert all(outcome is not None for outcome in outcomes), outcomes
+
+
+def worker_disagreement_then_training(rank, world):
+    """A disagreement in forward (different layers): every rank raises once, then steps match again."""
+    torch.manual_seed(0)
+    base = _wide_model()
+    reference = copy.deepcopy(base)
+    model = autosyncbn.convert_model(base)
+    other = autosyncbn.SynchronizedBatchNorm1d(4)
+    autosyncbn.convert_model(nn.ModuleDict(dict(model=model, other=other)))  # names the layers
+    generator = torch.Generator().manual_seed(4)
+    with pytest.raises(autosyncbn.ReplicaMismatchError, match="the next calls synchronize again"):
+        model(torch.randn(3, 3)) if rank == 0 else other(torch.randn(3, 4))
+    if rank == 0:  # as nn.BatchNorm, the layer that raised had counted the batch
+        reference[1].num_batches_tracked += 1
+    for _ in range(2):
+        x_all = torch.randn(6, 3, generator=generator).requires_grad_()
+        ref_out = reference(x_all)
+        ref_out.square().sum().backward()
+        x = x_all.detach().chunk(world)[rank].clone().requires_grad_()
+        out = model(x)
+        out.square().sum().backward()
+        assert_close_to_scale(out, ref_out.detach().chunk(world)[rank], what=f"rank {rank} output")
+        assert_close_to_scale(x.grad, x_all.grad.chunk(world)[rank], what=f"rank {rank} input grad")
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        assert_models_match(model, reference)
+        model.zero_grad(); reference.zero_grad()
+    dist.barrier()
+
+
+def test_ranks_realign_after_a_disagreement_in_forward():
+    run_ranks(worker_disagreement_then_training, 2, deadline=120, pg_timeout=20)
