@@ -10,7 +10,7 @@ from torch import nn
 
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel
-from common import interleaved_medians, write_json
+from common import interleaved_medians, report
 
 SHAPES = {
     "small C, large HxW (16, 8, 64, 64)": (16, 8, 64, 64),
@@ -39,9 +39,7 @@ def main(repeats: int = 30, replicas: int = 2) -> dict:
         rows[label] = {"medians_s": medians, "ratio": ratio}
         print(f"  {label:<36} nn.BatchNorm {medians['nn.BatchNorm'] * 1e3:7.3f} ms"
               f"   synchronized {medians['synchronized'] * 1e3:7.3f} ms   ratio {ratio:.2f}x   (target <= 1.5x)")
-    result = {"by_shape": rows, "target": 1.5}
-    write_json("layer", result)
-    return result
+    return report("layer", {"by_shape": rows, "target": 1.5})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torch import nn
 
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel
-from common import write_json
+from common import report
 
 MEANS = [0.0, 1e2, 1e3, 1e4, 3e4]
 
@@ -49,9 +49,7 @@ def main(replicas: int = 4) -> dict:
         rows[str(offset)] = {**errors, "ratio": ratio}
         print(f"  {offset:>8.0e} {errors['pytorch']:>10.2e} {errors['autosyncbn']:>11.2e} {errors['naive']:>10.2e}"
               f"   {ratio:.2f}x   (target <= 2x)")
-    result = {"by_mean": rows, "target": 2.0}
-    write_json("numerics", result)
-    return result
+    return report("numerics", {"by_mean": rows, "target": 2.0})
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ def write_json(name: str, payload: dict, folder: Optional[str] = None) -> str:
     return path
 
 
+def report(name: str, payload: dict) -> dict:
+    """``payload`` written to results/<name>.json, and returned: the end of each script's ``main``."""
+    write_json(name, payload)
+    return payload
+
+
 class BasicBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ import bench_memory  # noqa: E402
 import bench_numerics  # noqa: E402
 import bench_patch_overhead  # noqa: E402
 import bench_sync_cost  # noqa: E402
+import count_calls  # noqa: E402
 from common import machine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,15 @@ def table(results: dict) -> str:
                     f"{config['per_replica']}/replica), {replicas} replicas | {ratios['autosyncbn']:.3f}x | "
                     f"floor {ratios['floor']:.3f}x, split floor {ratios['split floor']:.3f}x, "
                     f"classic {ratios['classic']:.3f}x | {target} |")
+    calls = results["calls"]["per_replica_call"]
+
+    def forward_backward(name: str) -> str:
+        return f"{calls[name]['forward']:.0f} / {calls[name]['backward']:.0f}"
+
+    goal = results["calls"]["target"]
+    rows.append(f"| Python calls per synchronized replica-call, forward / backward | "
+                f"{forward_backward('autosyncbn')} | floor {forward_backward('floor')}, "
+                f"classic {forward_backward('classic')} | <= {goal['forward']} / <= {goal['backward']} |")
     for label, row in results["layer"]["by_shape"].items():
         rows.append(f"| one layer fwd+bwd, {label} | {row['ratio']:.2f}x | | <= 1.5x |")
     for label, row in results["memory"]["by_shape"].items():
@@ -96,6 +106,7 @@ def main() -> None:
     results = {
         "patch_overhead": bench_patch_overhead.main(),
         "sync_cost": bench_sync_cost.main(),
+        "calls": count_calls.main(),
         "layer": bench_layer.main(),
         "memory": bench_memory.main(),
         "numerics": bench_numerics.main(),
