@@ -1,224 +1,310 @@
-"""The one decision: does this batch-statistics computation synchronize, and with whom?
+"""The one decision: does this batch-statistics call synchronize, and with whom?
 
-Every BatchNorm call that autosyncbn sees arrives at :func:`batch_norm`, with
+Every BatchNorm call autosyncbn sees arrives at :func:`batch_norm`, with
 ``F.batch_norm``'s arguments: calls of ``torch.nn.functional.batch_norm``
 through its patch (``nn.BatchNorm*d``, ``nn.SyncBatchNorm`` without a process
-group, subclasses with their own forward such as timm's ``BatchNormAct2d``,
-conditional BatchNorm), and autosyncbn's own layers directly. :func:`decide`
-answers, in this order:
+group, timm's ``BatchNormAct2d``, conditional BatchNorm) and the calls of
+autosyncbn's own layers, whose forward is PyTorch's ``_BatchNorm.forward``
+calling :func:`explicit_batch_norm` instead. The module making a call is the
+``self`` of the calling frame (found by a walk up the stack when a function
+makes it); its seat, given at ``replicate`` (``replicas.py``), names its
+replica. :func:`decide` answers, once per layer and forward inside replicas:
 
 1. eval mode (running statistics): PyTorch's own call, bit for bit;
-2. inside a DataParallel replica: the replica's group, unless the plan of
-   that forward leaves this kind of call alone or the layer is excluded;
-3. a module of a replica whose forward has ended (``torch.utils.checkpoint``
-   recomputing it in backward): ``CheckpointRecomputeError``;
-4. a process group of 2+ ranks that may be used (``install(distributed=True)``
+2. a registered replica: its group, unless the forward's plan leaves this kind
+   of call alone (plain layers under the explicit API: warned about), the
+   layer is excluded, or there is one replica (one device);
+3. a process group of 2+ ranks that may be used (``install(distributed=True)``
    for every call, always for autosyncbn's layers): the group, unless excluded;
-5. anything else: PyTorch's own call. A replica that autosyncbn did not
-   prepare is warned about, once per layer.
+4. anything else: PyTorch's own call. A replica autosyncbn did not register is
+   warned about, once per layer.
 
-Under ``torch.compile``: autosyncbn's own layers, when they could synchronize,
-run eagerly behind a graph break, so they synchronize exactly as eager ones.
-``F.batch_norm`` itself is one operator to the compiler, traced on fake
-tensors: a call of it that would have to synchronize raises a clear error at
-the first call instead of compiling to per-slice statistics. A call that
-cannot synchronize is traced as PyTorch's own (no extra graph break).
+Under ``torch.compile``: autosyncbn's own layers run eagerly behind a graph
+break, so they synchronize exactly as eager ones. ``F.batch_norm`` itself is
+one operator to the compiler, traced on fake tensors: a call of it that would
+have to synchronize raises a clear error instead of compiling to per-slice
+statistics; any other is traced as PyTorch's own.
 """
 from __future__ import annotations
 
+import inspect
+import sys
 import threading
-import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 
-from . import context as replica_context
-from . import functional, report, settings
-from .context import EXCLUDED_ATTRIBUTE, ReplicaContext
+from . import functional, naming, replicas, report, settings
 from .distributed import ProcessGroupTransport, usable_group
-from .errors import CheckpointRecomputeError, SyncBatchNormError, UnsynchronizedBatchNormWarning
-from .naming import calling_module, qualified_name
+from .errors import CheckpointRecomputeError, SyncBatchNormError
+from .group import ReplicaState
+from .moments import local_moments, update_running_stats
+from .replicas import EXCLUDED_ATTRIBUTE, EXPLICIT_ATTRIBUTE, SEAT
 from .wrapping import Patch
 
+_getframe = sys._getframe
+_functorch_active = torch._C._are_functorch_transforms_active
+_SELF = ("self",)
+_MAIN_THREAD = threading.main_thread()
 
-@dataclass(frozen=True)
-class Route:
-    """Where one call goes: an exchange to synchronize through, or None for PyTorch's own path."""
 
-    exchange: Optional[functional.Exchange]
-    layer: str
+class BatchNormCall(NamedTuple):
+    """One training-mode batch-statistics call: ``F.batch_norm``'s arguments, who makes it, where."""
+
+    args: tuple  # input, running_mean, running_var, weight, bias, training, momentum, eps
+    owner: Optional[nn.Module]
+    replica: Optional[ReplicaState] = None
+    layer: int = -1  # the owner's index in its replica's module tree (-1: no module of the replica)
+
+
+class Route(NamedTuple):
+    """Where a call goes: ``"replicas"``, ``"processes"`` (over ``group``) or None, PyTorch's own path."""
+
+    to: Optional[str]
     reason: str
-    updates_running_stats: bool = False
-    replica: Optional[int] = None
+    group: Any = None
 
 
-def decide(input: Tensor, owner: Optional[nn.Module], explicit: bool, process_group: Any,
-           context: Optional[ReplicaContext], options: Optional[settings.Options]) -> Route:
-    """Route one training-mode call (batch statistics). The only place that decides."""
+def decide(call: BatchNormCall) -> Route:
+    """Route one training-mode call. The only place that decides (see the module docstring)."""
+    owner, replica = call.owner, call.replica
+    explicit = _is_explicit(owner)
+    if replica is not None:
+        group, plan = replica.group, replica.group.plan
+        if group.num_replicas == 1:
+            return Route(None, "a single replica: one device")
+        if (explicit or plan.distributed) and usable_group(_process_group(owner, explicit, plan)) is not None:
+            raise SyncBatchNormError(
+                f"BatchNorm layer '{_name(call)}' runs in a DataParallel replica inside a process group of "
+                f"2+ ranks: autosyncbn synchronizes across the replicas of one process or across "
+                f"processes, not both at once. Use one process per GPU (DistributedDataParallel), "
+                f"or leave out install(distributed=True) to synchronize within each process only.")
+        if _excluded(owner, call, plan.exclude):
+            return Route(None, "excluded")
+        if not (plan.include_plain or explicit):
+            name = _name(call)
+            report.warn_once(
+                f"explicit:{name}",
+                f"BatchNorm layer '{name}' ({type(owner).__name__}) called F.batch_norm in a "
+                f"DataParallelWithCallback replica, which synchronizes autosyncbn's own layers only: it "
+                f"normalized per slice. autosyncbn.install() synchronizes every BatchNorm call; "
+                f"convert_model() converts every _BatchNorm layer.")
+            return Route(None, "a plain layer under the explicit API (install() synchronizes it)")
+        return Route("replicas", f"{group.num_replicas} replicas")
+    options = settings.current()
     distributed = options is not None and options.distributed
-    if process_group is None and distributed:
-        process_group = options.process_group  # type: ignore[union-attr]
-    group = usable_group(process_group) if explicit or distributed else None
-    if context is not None:
-        return _replica_route(input, owner, explicit, group, context)
-    ended = replica_context.finished_forward_of(owner)
-    if ended is not None:
-        raise CheckpointRecomputeError(
-            f"BatchNorm layer '{ended.name_of(owner)}' ran in replica {ended.index} after that "
-            f"replica's forward had ended. This happens when torch.utils.checkpoint recomputes a "
-            f"synchronized layer during backward: the replicas cannot meet again then. Keep "
-            f"synchronized BatchNorm outside checkpointed segments, or exclude the layer with "
-            f"autosyncbn.exclude()."
-        )
-    # As nn.SyncBatchNorm: a module in eval mode (batch statistics without running
-    # ones) stays local, so one rank may evaluate alone without a collective.
-    if group is not None and (owner is None or owner.training):
-        layer = qualified_name(owner)
-        if _excluded_from_processes(owner, layer, None if explicit else options):
-            return Route(None, layer, "excluded")
-        return Route(functional.merge_over(ProcessGroupTransport(group, layer)), layer,
-                     f"process group of {torch.distributed.get_world_size(group)}",
-                     updates_running_stats=True)
     if owner is not None and owner.__dict__.get("_is_replica", False) and settings.active():
-        layer = qualified_name(owner)
-        if owner.__dict__.get(EXCLUDED_ATTRIBUTE, False):
-            return Route(None, layer, "excluded")
-        _warn_once(f"unprepared:{layer}",
-                   f"BatchNorm layer '{layer}' ran in a DataParallel replica that autosyncbn did "
-                   f"not prepare: its forward started before install(), or its DataParallel runs "
-                   f"replicas without torch.nn.parallel.parallel_apply. It normalized per slice.")
-        return Route(None, layer, "replica not prepared by autosyncbn")
+        if _excluded(owner, call, None):
+            return Route(None, "excluded")
+        name = _name(call)
+        report.warn_once(
+            f"unprepared:{name}",
+            f"BatchNorm layer '{name}' ran in a DataParallel replica that autosyncbn did not register: "
+            f"the replicas were made before install(), or by code that does not call "
+            f"torch.nn.parallel.replicate. It normalized per slice.")
+        return Route(None, "replica not registered by autosyncbn")
     if explicit or distributed:
-        reason = "eval mode: stays local, as nn.SyncBatchNorm" if group is not None else "no process group of 2+ ranks"
-    else:
-        reason = "not in a DataParallel replica"
-    return Route(None, _name_for_report(owner), reason)
+        group = usable_group(_process_group(owner, explicit, options))
+        if group is None:
+            return Route(None, "no process group of 2+ ranks")
+        # As nn.SyncBatchNorm: a module in eval mode (batch statistics without running
+        # ones) stays local, so one rank may evaluate alone without a collective.
+        if owner is not None and not owner.training:
+            return Route(None, "eval mode: stays local, as nn.SyncBatchNorm")
+        if _excluded(owner, call, None if explicit else options.exclude):  # type: ignore[union-attr]
+            return Route(None, "excluded")
+        return Route("processes", f"process group of {torch.distributed.get_world_size(group)}", group)
+    if owner is None and replicas.live_groups() and threading.current_thread() is not _MAIN_THREAD:
+        report.warn_once(
+            f"unattributed:{threading.current_thread().name}",
+            "F.batch_norm was called in training mode outside any module, in a thread that runs no "
+            "DataParallel replica, while a synchronized forward runs (a thread pool inside a replica?): "
+            "autosyncbn cannot tell which replica it belongs to, so it normalized per slice.")
+    return Route(None, "not in a DataParallel replica")
 
 
-def _replica_route(input: Tensor, owner: Optional[nn.Module], explicit: bool, group: Any,
-                   context: ReplicaContext) -> Route:
-    """A call inside replica ``context.index`` of a DataParallel forward."""
-    layer = context.name_of(owner)
-    replicas = context.group.num_replicas
-    if replicas == 1:
-        return Route(None, layer, "a single replica: one device", replica=0)
-    if group is not None:
-        raise SyncBatchNormError(
-            f"BatchNorm layer '{layer}' runs in a DataParallel replica inside a process group of "
-            f"2+ ranks: autosyncbn synchronizes across the replicas of one process or across "
-            f"processes, not both at once. Use one process per GPU (DistributedDataParallel), "
-            f"or leave out install(distributed=True) to synchronize within each process only."
-        )
-    if not (context.plan.include_plain or explicit):
-        return Route(None, layer, "a plain layer under the explicit API (install() synchronizes it)",
-                     replica=context.index)
-    if context.excludes(owner):
-        return Route(None, layer, "excluded", replica=context.index)
-    context.mark_synchronized(owner)
-    return Route(context.group.exchange_for(context.index, layer, input.shape[1]), layer,
-                 f"{replicas} replicas", updates_running_stats=context.index == 0, replica=context.index)
+def _is_explicit(owner: Optional[nn.Module]) -> bool:
+    return owner is not None and bool(getattr(type(owner), EXPLICIT_ATTRIBUTE, False)
+                                      or owner.__dict__.get(EXPLICIT_ATTRIBUTE, False))
 
 
-def _excluded_from_processes(owner: Optional[nn.Module], layer: str,
-                             options: Optional[settings.Options]) -> bool:
+def _process_group(owner: Optional[nn.Module], explicit: bool, options: Any) -> Any:
+    """An autosyncbn layer's own group, else the one of ``install(distributed=True, process_group=...)``."""
+    group = getattr(owner, "process_group", None) if explicit else None
+    return group if group is not None or options is None else options.process_group
+
+
+def _excluded(owner: Optional[nn.Module], call: BatchNormCall, exclude: Optional[Callable]) -> bool:
     if owner is None:
         return False
     if owner.__dict__.get(EXCLUDED_ATTRIBUTE, False):
         return True
-    return bool(options is not None and options.exclude is not None and options.exclude(layer, owner))
+    return exclude is not None and bool(exclude(_name(call), owner))
 
 
-def _name_for_report(owner: Optional[nn.Module]) -> str:
-    return qualified_name(owner) if report.recording() else ""
+def _name(call: BatchNormCall) -> str:
+    if call.replica is not None and call.layer >= 0:
+        return call.replica.group.layer_name(call.layer)
+    return naming.qualified_name(call.owner)
 
 
-# -- the entry point -------------------------------------------------------------
-def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, *, owner: Optional[nn.Module] = None,
-               explicit: bool = False, process_group: Any = None,
-               plain: Optional[Callable[..., Tensor]] = None) -> Tensor:
-    """``F.batch_norm`` whose batch statistics are synchronized when :func:`decide` says so.
+# -- the entry point: F.batch_norm's patch, and autosyncbn's own layers -----------------
+def batch_norm(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs: dict) -> Tensor:
+    """``F.batch_norm`` whose batch statistics are synchronized where :func:`decide` says so.
 
-    ``owner`` is the module making the call (found from the stack when None),
-    ``explicit`` marks autosyncbn's own layers, ``process_group`` theirs, and
-    ``plain`` is PyTorch's function to fall back to.
+    A wrapt wrapper: ``wrapped`` is PyTorch's ``F.batch_norm``. Written for
+    the count of steps it takes: this runs for every BatchNorm call.
     """
-    plain = plain or FUNCTIONAL_BATCH_NORM.underlying()
-    if torch.compiler.is_compiling():
-        # Decided at trace time: a call that could synchronize runs eagerly behind a
-        # graph break (and decides again then); any other is traced as PyTorch's own.
-        if training and _may_synchronize(explicit, process_group):
-            return _batch_norm_eagerly(input, running_mean, running_var, weight, bias, training, momentum,
-                                       eps, owner, explicit, process_group, plain)
-        return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _batch_norm_now(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                           owner, explicit, process_group, plain)
+    if kwargs or len(args) != 8:
+        args = _positional(*args, **kwargs)
+    if not args[5]:  # training=False: running statistics
+        if report.OPEN:
+            _record(args, None, Route(None, "eval mode: running statistics"))
+        return wrapped(*args)
+    frame = _getframe(1)
+    while frame.f_globals is _GLOBALS:  # explicit_batch_norm
+        frame = frame.f_back
+    owner = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == _SELF else None
+    seat = owner.__dict__.get(SEAT) if isinstance(owner, nn.Module) else None
+    if seat is None or type(args[0]) is not Tensor:
+        return _without_seat(wrapped, args, owner if isinstance(owner, nn.Module) else None)
+    return _in_replica(wrapped, args, owner, seat[0], seat[1])
 
 
-def _batch_norm_now(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                    weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
-                    eps: float, owner: Optional[nn.Module], explicit: bool, process_group: Any,
-                    plain: Callable[..., Tensor]) -> Tensor:
-    """Decide and run one call, eagerly."""
-    if not training or input.dim() < 2:
-        if report.recording():
-            _record_eval(owner)
-        return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if owner is None:
-        owner = calling_module()
-    route = decide(input, owner, explicit, process_group, replica_context.current(), settings.current())
-    if report.recording():
-        report.record(route.layer or qualified_name(owner), route.exchange is not None, route.reason,
-                      route.replica)
-    if route.exchange is None:
-        return plain(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return functional.batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
-                                 route.exchange, route.updates_running_stats)
+def _in_replica(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.Module], replica: ReplicaState,
+                layer: int) -> Tensor:
+    """A call made in replica ``replica`` by its layer number ``layer`` (-1: no module of the replica)."""
+    if replica.done:
+        _raise_recompute(replica, layer, owner)
+    group = replica.group
+    route = group.routes.get(layer)
+    if route is None:
+        route = decide(BatchNormCall(args, owner, replica, layer))
+        if layer >= 0:
+            group.routes[layer] = route
+    if replica.index == 0:
+        replica.seen.add(layer)
+    if route.to is None:
+        if report.OPEN:
+            _record(args, owner, route, replica, layer)
+        return wrapped(*args)
+    if _functorch_active():
+        raise SyncBatchNormError(
+            f"BatchNorm layer '{group.layer_name(layer)}' ran under a torch.func transform (vmap, grad, "
+            f"jacrev, ...) in DataParallel replica {replica.index}: autosyncbn cannot synchronize a "
+            f"transformed call across replicas. Exclude the layer (autosyncbn.exclude) to run it per slice.")
+    input, running_mean, running_var, weight, bias, _, momentum, eps = args
+    functional.check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
+    channels = input.shape[1]
+    number = replica.calls
+    replica.calls = number + 1
+    layer_call, outputs = group.meet(replica.index, number, (
+        layer, channels, input.numel() // channels if channels else 0, local_moments(input), input, weight, bias,
+        eps))
+    if layer_call.total == 1:
+        _raise_one_value(layer_call, input)
+    if replica.index == 0 and layer_call.total > 0:  # replica 0's buffers are the base module's
+        update_running_stats(running_mean, running_var, layer_call.mean, layer_call.var, layer_call.total,
+                             float(momentum))
+    if report.OPEN:
+        _record(args, owner, route, replica, layer)
+    return outputs[replica.index]
 
 
-def _record_eval(owner: Optional[nn.Module]) -> None:
-    owner = owner or calling_module()
-    context = replica_context.current()
-    layer = context.name_of(owner) if context is not None else qualified_name(owner)
-    report.record(layer, False, "eval mode: running statistics", context.index if context else None)
-
-
-def _may_synchronize(explicit: bool, process_group: Any) -> bool:
-    """At trace time: could this call synchronize when it runs? Reads nothing a tracer cannot."""
-    if replica_context.current() is not None:
-        return True
-    distributed = settings.distributed_anywhere()
-    if process_group is None and distributed is not None:
-        process_group = distributed.process_group
-    return (explicit or distributed is not None) and usable_group(process_group) is not None
-
-
-_batch_norm_eagerly = torch._dynamo.disable(_batch_norm_now, recursive=True)
-
-
-# -- the patch of torch.nn.functional.batch_norm ----------------------------------
-def _wrap_functional_batch_norm(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """``F.batch_norm``: synchronize batch statistics where :func:`decide` says so."""
-    training = args[5] if len(args) > 5 else kwargs.get("training", False)
-    if not training:
-        if report.recording():
-            _record_eval(None)
-        return wrapped(*args, **kwargs)
-    if _tracing(args[0] if args else kwargs["input"]):
+def _without_seat(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.Module]) -> Tensor:
+    """A call whose calling frame is no module of a registered replica (or whose input is no plain tensor)."""
+    if type(args[0]) is not Tensor and _tracing(args[0]):
         # torch.compile treats F.batch_norm as one operator: it runs this on fake
         # tensors to trace it, and the compiled graph never calls it again.
-        if _may_synchronize(False, None):
+        if _may_synchronize(owner):
             raise SyncBatchNormError(_COMPILE_MESSAGE)
-        return wrapped(*args, **kwargs)
-    if (replica_context.current() is None and not settings.distributed_anywhere()
-            and not report.recording() and not _may_be_replica_call()):
-        return wrapped(*args, **kwargs)  # the fast path: nothing to synchronize with
-    return batch_norm(*args, plain=wrapped, **kwargs)
+        return wrapped(*args)
+    if owner is None:
+        owner = naming.calling_module()  # a function called F.batch_norm: the module above it
+    seat = owner.__dict__.get(SEAT) if owner is not None else None
+    replica = replicas.running_replica()
+    if seat is not None:
+        return _in_replica(wrapped, args, owner, seat[0], seat[1])
+    if replica is not None:  # a module outside the replicated tree, or no module at all
+        return _in_replica(wrapped, args, owner, replica, -1)
+    if (not settings.distributed_anywhere() and not report.recording() and owner is not None
+            and not owner.__dict__.get("_is_replica", False) and not _is_explicit(owner)):
+        return wrapped(*args)  # nothing to synchronize with
+    route = decide(BatchNormCall(args, owner))
+    if report.OPEN:
+        _record(args, owner, route)
+    if route.to is None:
+        return wrapped(*args)
+    return _over_processes(args, owner, route.group)
+
+
+def _over_processes(args: tuple, owner: Optional[nn.Module], group: Any) -> Tensor:
+    """``F.batch_norm(..., training=True)`` with statistics merged over a process group."""
+    input, running_mean, running_var, weight, bias, _, momentum, eps = args
+    functional.check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
+    channels = input.shape[1]
+    transport = ProcessGroupTransport(group, naming.qualified_name(owner))
+    layer_call, output = functional.merge_over(transport, input, weight, bias,
+                                               input.numel() // channels if channels else 0,
+                                               local_moments(input), eps)
+    if layer_call.total == 1:
+        _raise_one_value(layer_call, input)
+    if layer_call.total > 0:  # an empty whole batch leaves them, as PyTorch does
+        update_running_stats(running_mean, running_var, layer_call.mean, layer_call.var, layer_call.total,
+                             float(momentum))
+    return output
+
+
+def _raise_one_value(call: functional.LayerCall, input: Tensor) -> None:
+    raise ValueError(
+        f"Expected more than 1 value per channel when training, got {call.total} value(s) per "
+        f"channel over the whole batch (input size of this part {list(input.shape)})")
+
+
+def _raise_recompute(replica: ReplicaState, layer: int, owner: Optional[nn.Module]) -> None:
+    name = replica.group.layer_name(layer) if layer >= 0 else naming.qualified_name(owner)
+    raise CheckpointRecomputeError(
+        f"BatchNorm layer '{name}' ran in replica {replica.index} after that replica's forward had "
+        f"ended. This happens when torch.utils.checkpoint recomputes a synchronized layer during "
+        f"backward (or a replica is called again): the replicas cannot meet again then. Keep "
+        f"synchronized BatchNorm outside checkpointed segments, or exclude the layer with "
+        f"autosyncbn.exclude().")
+
+
+_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+def _positional(*args: Any, **kwargs: Any) -> tuple:
+    """``F.batch_norm``'s eight arguments in order, its defaults filled in."""
+    bound = _SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
+def _record(args: tuple, owner: Optional[nn.Module], route: Route, replica: Optional[ReplicaState] = None,
+            layer: int = -1) -> None:
+    if owner is None:
+        owner = naming.calling_module()
+    name = _name(BatchNormCall(args, owner, replica, layer))
+    report.record(name, route.to is not None, route.reason, replica.index if replica is not None else None)
+
+
+# -- torch.compile ------------------------------------------------------------------------
+def _tracing(input: Any) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # loaded only once a non-plain tensor comes
+
+    return is_fake(input)
+
+
+def _may_synchronize(owner: Optional[nn.Module]) -> bool:
+    """At trace time: could this call synchronize when it runs? Reads nothing a tracer cannot."""
+    if replicas.running_replica() is not None or (owner is not None and SEAT in owner.__dict__):
+        return True
+    options = settings.distributed_anywhere()
+    explicit = _is_explicit(owner)
+    return (explicit or options is not None) and usable_group(_process_group(owner, explicit, options)) is not None
 
 
 _COMPILE_MESSAGE = (
@@ -227,62 +313,47 @@ _COMPILE_MESSAGE = (
     "Convert the model before compiling, model = autosyncbn.convert_model(model): its "
     "layers synchronize behind a graph break. Subclasses with their own forward (timm's "
     "BatchNormAct2d) cannot be converted: run those models uncompiled, or compile with "
-    "torch.compile(model, backend='eager')."
-)
+    "torch.compile(model, backend='eager').")
 
 
-def _tracing(input: Any) -> bool:
-    """Is this call being traced (fake or functional tensors), not run?"""
-    return torch.compiler.is_compiling() or (type(input) is not Tensor and is_fake(input))
-
-
-def _may_be_replica_call() -> bool:
-    """Outside a prepared replica: is the caller a DataParallel replica's module? (Warned about.)
-
-    Replicas run in worker threads, and checkpointed replica modules recompute
-    inside backward: the main thread outside backward skips the frame walk.
-    (Called only for calls that are run, not traced.)
-    """
-    if threading.current_thread() is _MAIN_THREAD and _current_backward_node() is None:
-        return False
-    owner = calling_module()
-    return owner is not None and bool(owner.__dict__.get("_is_replica", False))
-
-
-_MAIN_THREAD = threading.main_thread()
-_current_backward_node = getattr(torch._C, "_current_autograd_node", lambda: True)
-
-FUNCTIONAL_BATCH_NORM = Patch(F, "batch_norm", wrapper=_wrap_functional_batch_norm)
+# -- the patch of torch.nn.functional.batch_norm, and autosyncbn's own layers -----------
+FUNCTIONAL_BATCH_NORM = Patch(F, "batch_norm", wrapper=batch_norm)
 """The patch of ``torch.nn.functional.batch_norm`` that ``install()`` applies."""
 
-
-# -- warnings --------------------------------------------------------------------
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
+_PLAIN_BATCH_NORM = F.batch_norm
 
 
-def forget_warnings() -> None:
-    """Each installation warns once per layer (patching calls this when it first applies)."""
-    with _warned_lock:
-        _warned.clear()
+def explicit_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``F.batch_norm`` as autosyncbn's own layers call it: decided here, with or without ``install()``.
+
+    TorchScript compiles PyTorch's own call (a scripted layer never synchronizes).
+    """
+    if torch.jit.is_scripting():
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _explicit_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def _warn_once(key: str, message: str) -> None:
-    """One warning per layer and cause (replicas are new objects every forward: keyed by name)."""
-    with _warned_lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    warnings.warn(message, UnsynchronizedBatchNormWarning, stacklevel=3)
+@torch.jit.unused
+def _explicit_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                         eps: float) -> Tensor:
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if torch.compiler.is_compiling():  # run eagerly behind a graph break, and decide then
+        return _eagerly()(*args)
+    return batch_norm(_PLAIN_BATCH_NORM, None, args, {})
 
 
-def warn_unreached(context: ReplicaContext, layer: nn.Module) -> None:
-    """A layer of replica 0 that counted a training step, but never called F.batch_norm."""
-    name = context.name_of(layer)
-    _warn_once(f"unreached:{name}",
-               f"BatchNorm layer '{name}' in a DataParallel replica ran a training step without "
-               f"passing through torch.nn.functional.batch_norm (it calls torch.batch_norm or a "
-               f"kernel directly, or runs compiled code): it normalized per slice. Exclude it with "
-               f"autosyncbn.exclude() to silence this, or call F.batch_norm.")
-    if report.recording():
-        report.record(name, False, "not reached: did not call F.batch_norm", context.index)
+_eager: list = []
+
+
+def _eagerly() -> Callable[..., Tensor]:
+    """:func:`batch_norm` behind a graph break (made on first use: only compiling code needs it)."""
+    if not _eager:
+        _eager.append(torch.compiler.disable(lambda *args: batch_norm(_PLAIN_BATCH_NORM, None, args, {}),
+                                             recursive=True))
+    return _eager[0]
+
+
+_GLOBALS = globals()

@@ -1,81 +1,45 @@
-"""Synchronized batch normalization: the autograd Functions and ``F.batch_norm``'s semantics.
+"""Synchronized batch normalization: one autograd Function, one backward formula, any transport.
 
-All BatchNorm math of autosyncbn lives here and in ``moments.py``; the two
-backends only move values (``group.py`` between replica threads,
-``distributed.py`` between processes). One synchronized layer call, in each
-part of the batch (a replica thread or a process)::
+One layer call in this process normalizes every part of the batch that
+lives here (DataParallel: every replica's slice, in the thread of the last
+replica to arrive; a process: its own slice) with the whole batch's
+statistics, merged beforehand from every part's moments (``moments.chan_merge``;
+other processes' come through a transport). It is one autograd node,
+:class:`_SynchronizedNormalization`, whose backward is the one formula of
+synchronized BatchNorm (PyTorch's ``SyncBatchNorm`` has the same)::
 
-    local_moments(x_i)                  this slice's (mean_i, var_i): one pass, no autograd
-    exchange                            the whole batch's (mean, var): Chan's merge of every
-                                        part's moments, in one LayerCall per layer call
-    _MergeStatistics(x_1 .. x_P, w_i)   one autograd node for the parts in this process:
-        -> view_i, stats_i              each part's input (a view) and copy of (mean, var)
-    _Normalize(view_i, stats_i, w, b)   PyTorch's eval kernel with those statistics
-        -> y_i
+    per part:             sum(dy), sum(dy * xhat)
+    over every part:      added here, then over the transport (processes)
+    dx = weight * invstd * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
 
-Backward runs the same way back. Each ``_Normalize`` sums dy and dy * xhat
-over its slice (one pass) and returns the gradient of its statistics and of
-weight and bias; ``_MergeStatistics`` adds those gradients over every part
-(threads: here, in a fixed order; processes: one collective of 2C values) and
-forms every part's dx in one more pass:
-
-    dx = scale * dy + g_mean / N + 2 g_var (x - mean) / N,   scale = weight / std
-
-dy reaches the merge node as the gradient of the input view it gave
-``_Normalize``, so dx is formed in one place, in two passes as
-``nn.BatchNorm``'s backward does, and nothing is handed over outside
-autograd (concurrent backward passes over one graph stay apart). The
-backward nodes of a layer call are one per part plus one merge node: on CPU,
-autograd runs all replicas' backward in one thread, so nothing in backward
-waits for a peer.
-
-A layer call saves each part's input once (the merge node saves them) plus
-per-channel vectors, what ``nn.BatchNorm`` saves. With ``create_graph=True``
-backward uses differentiable ops (and recomputes the mean from the inputs),
-so double backward (gradient penalties) works in replica threads.
+So a layer call saves each part's input once, plus per-channel vectors,
+what ``nn.BatchNorm`` saves, and nothing in backward waits for a peer (on
+CPU autograd runs every replica's backward in one thread). With
+``create_graph=True`` the same formula runs on differentiable ops, with the
+statistics recomputed from every part's input (threads), so double backward
+(gradient penalties) matches one device.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from .eps_mode import get_sbn_eps_mode
-from .moments import (
-    as_dtype,
-    chan_merge,
-    channel_view_shape,
-    local_moments,
-    reduction_dims,
-    update_running_stats,
-    values_per_channel,
-)
+from .moments import as_dtype, chan_merge, channel_view_shape, reduction_dims
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 class MomentsTransport(Protocol):
-    """How per-part moments and their gradients travel between processes (one per call)."""
+    """How per-part moments and backward sums travel between processes (one per layer call)."""
 
     def gather(self, count: int, mean: Tensor, var: Tensor) -> "tuple[list[int], Tensor]":
         """Every part's value count and (mean, var), stacked as (parts, 2, C)."""
 
     def sum_gradients(self, grad: Tensor) -> Tensor:
-        """The (2, C) gradient of the merged (mean, var), summed over every part."""
-
-
-class Share(NamedTuple):
-    """What an exchange hands one part: its input as the merge node sees it, its statistics, the call."""
-
-    input: Tensor
-    stats: Tensor
-    call: "LayerCall"
-    part: int
-
-
-Exchange = Callable[[Tensor, Optional[Tensor], int, "tuple[Tensor, Tensor]", float], Share]
-"""``(input, weight, count, moments, eps)`` of this part -> its :class:`Share` of the merged statistics."""
+        """A (2, C) tensor summed over every part."""
 
 
 # -- argument checks: PyTorch's errors, raised before any peer is involved -----
@@ -109,330 +73,214 @@ def check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: 
 
 
 # -- one layer call ---------------------------------------------------------------
-def _on(device: torch.device, tensor: Tensor) -> Tensor:
-    return tensor if tensor.device == device else tensor.to(device)
-
-
-def _scale(invstd: Tensor, weight: Optional[Tensor]) -> Tensor:
-    """``weight / std`` per channel: how much of dy reaches dx directly."""
-    return invstd if weight is None else invstd * as_dtype(weight, invstd.dtype)
-
-
 class LayerCall:
-    """One synchronized layer call in this process: the merged statistics and vectors derived from them.
+    """The whole batch's statistics for one synchronized layer call, and how to normalize with them.
 
-    Plain values only (no autograd node, no output of one), so a graph never
-    keeps itself alive through it.
+    Plain values (no autograd node, no output of one), so a graph never keeps
+    itself alive through it. Under the classic 'clamp' eps mode the kernel's
+    variance is ``max(var, eps)`` with no eps added, and a clamped channel's
+    variance gets no gradient (``var_mask``).
     """
+
+    __slots__ = ("mean", "var", "total", "eps", "kernel_var", "kernel_eps", "invstd", "var_mask", "transport")
 
     def __init__(self, merged: Tensor, total: int, eps: float, transport: Optional[MomentsTransport] = None) -> None:
-        self.merged = merged  # (2, C): mean, biased variance; in the accumulation dtype
-        self.mean, self.var = merged.unbind()
+        self.mean, self.var = merged.unbind()  # in the accumulation dtype
         self.total = total
-        self.clamp = get_sbn_eps_mode() == "clamp"
         self.eps = eps
-        self.kernel_eps = 0.0 if self.clamp else eps  # 'clamp': var is clamped at eps, none added
         self.transport = transport
-        self._statistics: dict = {}
-        self._coefficients: dict = {}
-
-    def statistics(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(mean, variance for the kernel) on ``device``: the variance is clamped at eps under 'clamp'."""
-        found = self._statistics.get(device)
-        if found is None:
-            var = _on(device, self.var)
-            found = (_on(device, self.mean), var.clamp(min=self.eps) if self.clamp else var)
-            self._statistics[device] = found
-        return found
-
-    def coefficients(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Backward's per-channel vectors on ``device``: invstd, the (2, C) d(mean, var)/d(sum dy, sum dy*xhat)
-        for a unit weight, and ones (a unit weight or variance for PyTorch's kernels)."""
-        found = self._coefficients.get(device)
-        if found is None:
-            invstd = (self.statistics(device)[1] + self.kernel_eps).rsqrt()
-            # g_mean = -scale * sum(dy) and g_var = -scale * invstd / 2 * sum(dy * xhat),
-            # scale = weight * invstd; a variance clamped at eps gets no gradient.
-            var_coefficient = invstd * invstd * -0.5
-            if self.clamp:
-                var_coefficient = var_coefficient * (_on(device, self.var) >= self.eps)
-            found = (invstd, torch.stack([invstd.neg(), var_coefficient]), torch.ones_like(invstd))
-            self._coefficients[device] = found
-        return found
+        if get_sbn_eps_mode() == "clamp":
+            self.kernel_var, self.kernel_eps = self.var.clamp(min=eps), 0.0
+            self.var_mask: Optional[Tensor] = (self.var >= eps).to(self.var.dtype)
+        else:
+            self.kernel_var, self.kernel_eps, self.var_mask = self.var, eps, None
+        self.invstd = (self.kernel_var + self.kernel_eps).rsqrt()
 
 
-def merge_parts(counts: Sequence[int], moments: Sequence[tuple[Tensor, Tensor]], inputs: Sequence[Tensor],
-                weights: Sequence[Optional[Tensor]], eps: float) -> tuple[Share, ...]:
-    """Every part lives in this process (DataParallel replica threads): merge their moments here."""
-    device = moments[0][0].device
-    parts = len(moments)
-    stacked = torch.stack([_on(device, v) for pair in moments for v in pair]).view(parts, 2, -1)
-    call = LayerCall(chan_merge(tuple(counts), stacked, stacked.dtype), sum(counts), eps)
-    outputs = _MergeStatistics.apply(call, *inputs, *weights)
-    return tuple(Share(outputs[part], outputs[parts + part], call, part) for part in range(parts))
+class _SynchronizedNormalization(torch.autograd.Function):
+    """Every local part's input, weight and bias -> every part's output, one node per layer call.
 
-
-def merge_over(transport: MomentsTransport) -> Exchange:
-    """An exchange for a process whose peers are other processes, reached through ``transport``."""
-
-    def exchange(input: Tensor, weight: Optional[Tensor], count: int, moments: tuple[Tensor, Tensor],
-                 eps: float) -> Share:
-        with torch.no_grad():  # moving values: no autograd (the gradient comes back in backward)
-            counts, gathered = transport.gather(count, *moments)
-            merged = chan_merge(tuple(counts), gathered, moments[0].dtype)
-        call = LayerCall(merged, sum(counts), eps, transport)
-        view, stats = _MergeStatistics.apply(call, input, weight)
-        return Share(view, stats, call, 0)
-
-    return exchange
-
-
-class _MergeStatistics(torch.autograd.Function):
-    """Every part's input (and weight) -> each part's input again, as a view, and its copy of (mean, var).
-
-    The statistics are merged before (``LayerCall.merged``); this node is where
-    their gradient comes back. Backward adds the parts' gradients of (mean,
-    var) and forms each part's dx: ``g_mean / N + 2 g_var (x - mean) / N``
-    plus dy's direct share. The input view carries that share from
-    ``_Normalize``: ``scale * dy`` itself under ``create_graph=True``; else dy,
-    which this node multiplies by ``scale = weight / std`` while it forms dx
-    (one pass fewer). The view is private to ``_Normalize``, so no one else
-    sees that gradient. Saves every part's input (the one activation-sized
-    tensor a layer saves, as ``nn.BatchNorm`` does); ``_Normalize`` reads it
-    here. In replica threads they are saved by the thread that merges (the
-    last to arrive), under its saved-tensor hooks: replicas run the same code,
-    so those are the hooks every replica set (``save_on_cpu`` works).
+    Inputs: the :class:`LayerCall`, the number of parts P, then x_1..x_P,
+    weight_1..weight_P, bias_1..bias_P (DataParallel gives every replica its
+    own copy of the parameters). Saves the inputs and weights.
     """
 
     @staticmethod
-    def forward(ctx: Any, call: LayerCall, *inputs_and_weights: Optional[Tensor]) -> tuple[Tensor, ...]:
-        ctx.call = call
+    def forward(ctx: Any, call: LayerCall, parts: int, *tensors: Optional[Tensor]) -> tuple[Tensor, ...]:
+        ctx.call, ctx.parts = call, parts
+        ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in tensors[2 * parts:]]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs_and_weights)
-        inputs = inputs_and_weights[:len(inputs_and_weights) // 2]
-        merged = call.merged
-        # A distinct statistics tensor per part: each receives its own gradient.
-        views = (x.view_as(x) for x in inputs)  # type: ignore[union-attr]
-        stats = (merged.clone() if x.device == merged.device else merged.to(x.device)  # type: ignore[union-attr]
-                 for x in inputs)
-        return (*views, *stats)
+        ctx.save_for_backward(*tensors[:2 * parts])
+        outputs = []
+        dtype, home = call.mean.dtype, call.mean.device
+        for input, weight, bias in zip(tensors[:parts], tensors[parts:2 * parts], tensors[2 * parts:]):
+            # PyTorch's eval kernel: float32 weight and bias with a half input's float32 statistics.
+            if weight is not None and weight.dtype != dtype:
+                weight = weight.to(dtype)
+            if bias is not None and bias.dtype != dtype:
+                bias = bias.to(dtype)
+            mean, var = call.mean, call.kernel_var
+            if input.device != home:  # type: ignore[union-attr]
+                mean, var = mean.to(input.device), var.to(input.device)  # type: ignore[union-attr]
+            outputs.append(torch.native_batch_norm(input, weight, bias, mean, var, False, 0.0, call.kernel_eps)[0])
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        raw_dy = not torch.is_grad_enabled()  # _Normalize ran in this same mode
-        if ctx.call.transport is not None:
-            return _input_gradients_over_transport(ctx, raw_dy, *grads)
-        return _input_gradients(ctx, raw_dy, grads)
-
-
-def _statistics_gradient(call: LayerCall, grads: Sequence[Optional[Tensor]]) -> Tensor:
-    """The (2, C) gradient of the merged (mean, var) in this process, from the statistics half of ``grads``.
-
-    Each entry is one part's true gradient with respect to its copy of (mean,
-    var) (differentiable under ``create_graph=True``, so the sum is too); None
-    where a part's output was not used. Replica threads: every part's, added
-    here in one stack and one sum, a fixed order, so results never depend on
-    thread timing. Processes: this process's one part (the collective adds the rest).
-    """
-    device = call.merged.device
-    present = [_on(device, grad) for grad in grads if grad is not None]
-    if not present:  # defensive: autograd skips this node when no part's output was used
-        return torch.zeros_like(call.merged)
-    return present[0] if len(present) == 1 else torch.stack(present).sum(0)
-
-
-def _input_gradients(ctx: Any, raw_dy: bool, grads: Sequence[Optional[Tensor]],
-                     summed: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
-    """Each part's dx (``summed``: the (mean, var) gradients already added over every part)."""
-    call: LayerCall = ctx.call
-    parts = len(grads) // 2
-    saved = ctx.saved_tensors
-    inputs, weights = saved[:parts], saved[parts:]
-    needs_input = ctx.needs_input_grad[1:parts + 1]
-    if not any(needs_input):
-        return (None,) * (len(saved) + 1)
-    device = call.merged.device
-    if summed is None:
-        summed = _statistics_gradient(call, grads[parts:])
-    total = max(call.total, 1)
-    slope = summed[1] * (2.0 / total)
-    offset = summed[0] / total
-    grad_inputs: list = []
-    if raw_dy:
-        for part, input in enumerate(inputs):
-            grad_inputs.append(_input_gradient(call, grads[part], input, weights[part], slope, offset)
-                               if needs_input[part] else None)
-    else:
-        # create_graph=True: composite ops, with the mean as a function of every
-        # part's input, so second derivatives see it move (over a transport the
-        # other parts' inputs are elsewhere: once differentiable, the merged mean).
-        if call.transport is None:
-            mean = sum(_on(device, x.to(summed.dtype).sum(reduction_dims(x))) for x in inputs) / total
+    def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        parts = ctx.parts
+        saved = ctx.saved_tensors
+        if ctx.call.transport is not None and torch.is_grad_enabled():
+            gradients = _gradients_once_differentiable(ctx.call, saved[:parts], saved[parts:], ctx.bias_dtypes,
+                                                       grad_outputs, ctx.needs_input_grad[2:])
         else:
-            mean = call.mean
-        for part, input in enumerate(inputs):
-            if not needs_input[part]:
-                grad_inputs.append(None)
-                continue
-            shape = channel_view_shape(input)
-            on = input.device
-            share = ((input.to(summed.dtype) - _on(on, mean).view(shape)) * _on(on, slope).view(shape)
-                     + _on(on, offset).view(shape)).to(input.dtype)
-            grad_inputs.append(share if grads[part] is None else grads[part] + share)
-    return (None, *grad_inputs, *(None,) * parts)
+            gradients = _gradients(ctx.call, saved[:parts], saved[parts:], ctx.bias_dtypes, grad_outputs,
+                                   ctx.needs_input_grad[2:])
+        return (None, None, *gradients)
 
 
-@torch.autograd.function.once_differentiable
-def _input_gradients_over_transport(ctx: Any, raw_dy: bool, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """One part in this process: the (mean, var) gradients of all parts are added by one collective."""
-    call: LayerCall = ctx.call
-    grad = _statistics_gradient(call, grads[1:])
-    summed = call.transport.sum_gradients(grad.double()).to(call.merged.dtype)  # type: ignore[union-attr]
-    return _input_gradients(ctx, raw_dy, grads, summed)
+_apply_normalization = super(torch.autograd.Function, _SynchronizedNormalization).apply
+"""The node's C ``apply``: ``Function.apply``'s Python preamble serves only torch.func transforms,
+which synchronized calls refuse (dispatch raises a clear error under them)."""
 
 
-def _input_gradient(call: LayerCall, grad_output: Optional[Tensor], input: Tensor, weight: Optional[Tensor],
-                    slope: Tensor, offset: Tensor) -> Tensor:
-    """``scale * dy + slope * (x - mean) + offset`` per channel, in two passes over the slice."""
-    if input.numel() == 0:
-        return torch.zeros_like(input)
-    device = input.device
-    mean = call.statistics(device)[0]
-    invstd, _, ones = call.coefficients(device)
-    accumulate = input.dtype != mean.dtype  # half input: accumulate in float32
-    grad = centred_affine(input.to(mean.dtype) if accumulate else input, mean, _on(device, slope),
-                          _on(device, offset), ones)
-    if grad_output is not None:
-        scale = _scale(invstd, weight)
-        grad.addcmul_(grad_output.to(mean.dtype) if accumulate else grad_output, scale.view(channel_view_shape(input)))
-    return grad.to(input.dtype) if accumulate else grad
+def normalize(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
+              biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, ...]:
+    """Every local part normalized with ``call``'s statistics, as one autograd node."""
+    return _apply_normalization(call, len(inputs), *inputs, *weights, *biases)
 
 
-def centred_affine(input: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, ones: Tensor) -> Tensor:
-    """``(input - centre) * scale + shift`` per channel, in one fused pass.
+def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"], eps: float,
+                inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]], biases: Sequence[Optional[Tensor]]
+                ) -> tuple[LayerCall, tuple[Tensor, ...]]:
+    """Every part lives in this process (DataParallel replica threads): merge here, normalize all."""
+    device = moments[0][0].device
+    values = []
+    for pair in moments:  # on the first part's device (DataParallel's GPUs: every device's own)
+        values.extend(pair if pair[0].device == device else (v.to(device) for v in pair))
+    stacked = torch.stack(values).view(len(moments), 2, -1)
+    call = LayerCall(chan_merge(tuple(counts), stacked, stacked.dtype), sum(counts), eps)
+    return call, normalize(call, inputs, weights, biases)
 
-    PyTorch's eval-mode BatchNorm kernel with a unit variance (``ones``) and no eps.
+
+def merge_over(transport: MomentsTransport, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               count: int, moments: "tuple[Tensor, Tensor]", eps: float) -> tuple[LayerCall, Tensor]:
+    """This process's one part, its peers other processes reached through ``transport``."""
+    counts, gathered = transport.gather(count, *moments)
+    call = LayerCall(chan_merge(tuple(counts), gathered, moments[0].dtype), sum(counts), eps, transport)
+    return call, normalize(call, (input,), (weight,), (bias,))[0]
+
+
+# -- backward: the one formula -------------------------------------------------------
+def _gradients(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
+               bias_dtypes: Sequence[Optional[torch.dtype]], grad_outputs: Sequence[Optional[Tensor]],
+               needs: Sequence[bool]) -> list[Optional[Tensor]]:
+    """dx, d(weight) and d(bias) of every part, in the node's input order.
+
+    ``grad_outputs[i]`` is None where part i's output was not used (it adds
+    nothing to the sums and gets a dx from the statistics alone).
     """
-    return torch.native_batch_norm(input, scale, shift, centre, ones, False, 0.0, 0.0)[0]
-
-
-# -- normalization ---------------------------------------------------------------
-def sum_output_gradients(grad_output: Tensor, input: Tensor, mean: Tensor, var: Tensor, eps: float,
-                         ones: Tensor) -> tuple[Tensor, Tensor]:
-    """One fused pass: (sum(dy * xhat), sum(dy)) per channel, xhat normalized with (mean, var).
-
-    ``ones`` stands for the weight, which the sums do not depend on (CUDA's
-    kernel wants one to size them).
-    """
-    if input.numel() == 0:
-        # PyTorch's kernel divides by the element count; an empty slice adds nothing.
-        return torch.zeros_like(mean), torch.zeros_like(mean)
-    # Empty save_mean/save_invstd mean "eval mode: use the running statistics" to
-    # CUDA's kernel (as cuDNN's eval backward passes them); None trips its assert.
-    unused = mean.new_empty(0)
-    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_output, input, ones, mean, var, unused, unused, False, eps, [False, True, True],
-    )
-    return sum_dy_xhat, sum_dy
-
-
-class _Normalize(torch.autograd.Function):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias with the merged statistics of ``call``.
-
-    Backward returns the gradient of this part's copy of the statistics, of
-    weight and bias, and dy's direct share of dx for the merge node to finish
-    (see :class:`_MergeStatistics`). Under the classic 'clamp' eps mode the
-    variance is clamped at eps instead, and a clamped channel's variance gets
-    no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, input: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                call: LayerCall, part: int) -> Tensor:
-        mean, variance = call.statistics(input.device)
-        ctx.call, ctx.part, ctx.merge_node = call, part, stats.grad_fn
-        # The merge node saved the input; without one (no input or weight needs grad), save it here.
-        ctx.save_for_backward(input if ctx.merge_node is None else None, stats, weight)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        # PyTorch's mixed-precision kernels want float32 weight and bias with the float32 statistics of a half input.
-        return torch.native_batch_norm(input, as_dtype(weight, mean.dtype), as_dtype(bias, mean.dtype),
-                                       mean, variance, False, 0.0, call.kernel_eps)[0]
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-        input, stats, weight = ctx.saved_tensors
-        if ctx.merge_node is not None:
-            input = ctx.merge_node.saved_tensors[ctx.part]
-        call: LayerCall = ctx.call
-        need_input, need_stats, need_weight, need_bias = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): composite, differentiable ops,
-            # with the statistics as functions of every part's input.
-            mean, var = stats[0], stats[1]
-            variance = var.clamp(min=call.eps) if call.clamp else var
-            invstd = (variance + call.kernel_eps).rsqrt()
-            scale = _scale(invstd, weight)
-            shape, dims = channel_view_shape(input), reduction_dims(input)
-            dy = grad_output.to(mean.dtype)
-            sum_dy = dy.sum(dims)
-            sum_dy_xhat = (dy * ((input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape))).sum(dims)
-            grad_var = scale * invstd * sum_dy_xhat * -0.5
-            if call.clamp:
-                grad_var = grad_var * (var >= call.eps)
-            grad_stats = torch.stack([(scale * sum_dy).neg(), grad_var]) if need_stats else None
-            grad_input = (dy * scale.view(shape)).to(input.dtype) if need_input else None
+    parts = len(inputs)
+    mean, invstd = call.mean, call.invstd
+    if torch.is_grad_enabled() and call.transport is None:
+        # create_graph=True: the statistics as functions of every part's input,
+        # so second derivatives see them move.
+        mean, invstd = _differentiable_statistics(call, inputs)
+    home = mean.device
+    sums: list[Optional[Tensor]] = []  # every part's (sum dy, sum dy * xhat), on its device
+    total: Optional[Tensor] = None  # their sum in part order (a fixed order: no thread timing)
+    for input, grad in zip(inputs, grad_outputs):
+        if grad is None:
+            sums.append(None)
+            continue
+        device = input.device
+        if input.numel() == 0:  # an empty part adds nothing (PyTorch's kernel rejects it)
+            part = torch.zeros(2, *mean.shape, dtype=mean.dtype, device=device)
+        elif device == home:
+            part = _part_sums(input, grad, mean, invstd)
         else:
-            mean, variance = call.statistics(input.device)
-            invstd, coefficients, ones = call.coefficients(input.device)
-            sum_dy_xhat, sum_dy = sum_output_gradients(grad_output, input, mean, variance, call.kernel_eps, ones)
-            grad_stats = None
-            if need_stats:
-                grad_stats = torch.stack([sum_dy, sum_dy_xhat]).mul_(coefficients)
-                if weight is not None:
-                    grad_stats.mul_(as_dtype(weight, invstd.dtype))
-            if ctx.merge_node is not None:
-                grad_input = grad_output  # dy itself: the merge node scales it as it forms dx
-            elif need_input:
-                scale = _scale(invstd, weight)
-                grad_input = (grad_output * scale.view(channel_view_shape(input))).to(input.dtype)
-            else:
-                grad_input = None
-        grad_weight = as_dtype(sum_dy_xhat, weight.dtype) if need_weight else None
-        grad_bias = as_dtype(sum_dy, ctx.bias_dtype) if need_bias else None
-        return grad_input, grad_stats, grad_weight, grad_bias, None, None
+            part = _part_sums(input, grad, mean.to(device), invstd.to(device))
+        sums.append(part)
+        part = part if device == home else part.to(home)
+        total = part if total is None else total + part
+    if call.transport is not None:  # float64 across processes, as the moments
+        local = total if total is not None else torch.zeros(2, *mean.shape, dtype=mean.dtype, device=home)
+        total = call.transport.sum_gradients(local.double()).to(mean.dtype)
+    # dx = scale * (dy - sum(dy)/N - xhat * sum(dy xhat)/N) = scale * dy + slope * (x - mean) + offset
+    per_value = total / call.total if total is not None else None
+    results: list[Optional[Tensor]] = [None] * (3 * parts)
+    for index, (input, weight, grad, part) in enumerate(zip(inputs, weights, grad_outputs, sums)):
+        if needs[index] and per_value is not None:
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            slope = scale * invstd * -per_value[1]
+            if call.var_mask is not None:  # 'clamp': a clamped variance gets no gradient
+                slope = slope * call.var_mask
+            coefficients = torch.stack([scale, slope, scale * -per_value[0]])
+            if input.device != home:
+                coefficients = coefficients.to(input.device)
+            results[index] = _input_gradient(input, grad, mean if input.device == home else mean.to(input.device),
+                                             coefficients)
+        if part is not None and weight is not None and needs[parts + index]:
+            results[parts + index] = part[1] if part.dtype == weight.dtype else part[1].to(weight.dtype)
+        if part is not None and needs[2 * parts + index]:
+            dtype = bias_dtypes[index]
+            results[2 * parts + index] = part[0] if part.dtype == dtype else part[0].to(dtype)
+    return results
 
 
-# -- the call --------------------------------------------------------------------
-def sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                    exchange: Exchange) -> tuple[Tensor, LayerCall]:
-    """Batch-normalize ``input`` with statistics merged across parts by ``exchange``.
+_gradients_once_differentiable = torch.autograd.function.once_differentiable(_gradients)
+"""Over a transport the sums cross processes outside autograd: a second backward raises."""
 
-    Returns the output and the layer call (its merged mean, biased variance
-    and value count per channel). Every part sees the same total, so a whole
-    batch of one value per channel raises PyTorch's ``ValueError`` in every
-    part alike; an empty whole batch gives empty outputs, as PyTorch does.
+
+def _differentiable_statistics(call: LayerCall, inputs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) recomputed from every local part's input with differentiable ops."""
+    device, dtype = call.mean.device, call.mean.dtype
+    values = [x.to(device=device, dtype=dtype) for x in inputs]
+    mean = sum(x.sum(reduction_dims(x)) for x in values) / call.total
+    var = sum((x - mean.view(channel_view_shape(x))).square().sum(reduction_dims(x)) for x in values) / call.total
+    var = var.clamp(min=call.eps) if call.var_mask is not None else var
+    return mean, (var + call.kernel_eps).rsqrt()
+
+
+def _part_sums(input: Tensor, grad: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """(sum(dy), sum(dy * xhat)) of one part, stacked as (2, C).
+
+    PyTorch's fused eval-mode backward kernel (one pass) when no graph is
+    built; differentiable ops under ``create_graph=True``.
     """
-    share = exchange(input, weight, values_per_channel(input), local_moments(input), eps)
-    call = share.call
-    if call.total == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {call.total} value(s) per "
-            f"channel over the whole batch (input size of this part {list(input.shape)})"
-        )
-    return _Normalize.apply(share.input, share.stats, weight, bias, call, share.part), call
+    if not torch.is_grad_enabled():
+        # Empty save_mean/save_invstd mean "eval mode" to CUDA's kernel; its
+        # weight only sizes the sums (they do not depend on it).
+        unused = mean.new_empty(0)
+        _, sum_dy_xhat, sum_dy = _BACKWARD_KERNEL(grad, input, torch.ones_like(mean), mean,
+                                                   invstd.reciprocal().square(), unused, unused, False, 0.0,
+                                                   [False, True, True])
+        return torch.stack([sum_dy, sum_dy_xhat])
+    shape, dims = channel_view_shape(input), reduction_dims(input)
+    dy = grad.to(mean.dtype)
+    xhat = (input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
+    return torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])
 
 
-def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-               weight: Optional[Tensor], bias: Optional[Tensor], momentum: float, eps: float,
-               exchange: Exchange, updates_running_stats: bool) -> Tensor:
-    """``F.batch_norm(..., training=True)`` with whole-batch statistics from ``exchange``.
+_BACKWARD_KERNEL = torch.ops.aten.native_batch_norm_backward.default._op
+"""The operator itself (its Python ``OpOverload`` wrapper costs a call per use)."""
 
-    The running statistics are the tensors passed, updated from the merged
-    statistics with the momentum passed (the unbiased variance), exactly as
-    the call would have on one device, by the part that owns them.
+
+def _input_gradient(input: Tensor, grad: Optional[Tensor], mean: Tensor, coefficients: Tensor) -> Tensor:
+    """``scale * dy + slope * (x - mean) + offset`` per channel, in the input's dtype.
+
+    ``coefficients`` stacks (scale, slope, offset), each of shape (C,).
     """
-    check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
-    output, call = sync_batch_norm(input, weight, bias, eps, exchange)
-    if updates_running_stats and call.total > 0:  # an empty whole batch leaves them, as PyTorch does
-        update_running_stats(running_mean, running_var, call.mean, call.var, call.total, float(momentum))
-    return output
+    scale, slope, offset = coefficients.unbind()
+    if not torch.is_grad_enabled() and input.numel():
+        # Two fused passes: PyTorch's eval kernel with a unit variance is (x - mean) * slope + offset.
+        dx = torch.native_batch_norm(input, slope, offset, mean, torch.ones_like(mean), False, 0.0, 0.0)[0]
+        if grad is not None:
+            shape = [1] * input.dim()
+            shape[1] = -1
+            dx = dx.addcmul_(grad, scale.to(dx.dtype).view(shape))
+        return dx
+    shape = channel_view_shape(input)
+    dx = (input.to(mean.dtype) - mean.view(shape)) * slope.view(shape) + offset.view(shape)
+    if grad is not None:
+        dx = dx + grad.to(mean.dtype) * scale.view(shape)
+    return dx.to(input.dtype)

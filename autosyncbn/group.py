@@ -1,51 +1,60 @@
-"""The meeting point of the N replica threads of one DataParallel forward (transport only).
+"""The meeting point of the N replicas of one DataParallel forward (threads; moves values only).
 
-``replicas.py`` makes one ``ReplicaGroup`` per forward. The i-th synchronized
-call of every replica meets in slot i; the last replica to arrive checks that
-all agree (same layer, same channel count), merges the moments once (the
-math is ``functional.merge_parts``), and hands each replica its share of the
-merged statistics on its own device.
+``replicas.py`` makes one :class:`ReplicaGroup` per forward, at ``replicate``.
+The i-th synchronized call of every replica meets in slot i; the last
+replica to arrive checks that all agree (same layer, same channel count),
+merges and normalizes for all (``functional.merge_parts``), and hands each
+replica its output. Waiting is a plain lock per slot, so a replica that
+arrives in time makes no Python call while it waits.
 
-Nothing waits forever: a waiting replica wakes when a peer raises, when a peer
-finishes its forward without reaching this call, or at the deadline.
+Nothing waits forever: a waiting replica wakes when a peer raises, when a
+peer finishes its forward without reaching this call, when a peer has not
+even started its forward after a while (replicas run one after another
+instead of side by side), or at the deadline.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
 from .errors import PeerFailedError, ReplicaMismatchError, SyncBatchNormError, SyncTimeoutError
-from .functional import Exchange, Share, merge_parts
+from .functional import LayerCall, merge_parts
+
+POLL_SECONDS = 0.25
+"""How often a waiting replica looks at the clock and its peers (a peer's failure wakes it at once)."""
+
+START_GRACE_SECONDS = 10.0
+"""How long a replica waits for a peer whose forward has not started before calling it a sequential run."""
+
+Contribution = "tuple[int, int, int, tuple[Tensor, Tensor], Tensor, Optional[Tensor], Optional[Tensor], float]"
+"""(layer index, channels, value count, (mean, var), input, weight, bias, eps) of one replica's call."""
 
 
-@dataclass
-class _Contribution:
-    layer: str
-    channels: int
-    count: int
-    moments: "tuple[Tensor, Tensor]"
-    input: Tensor
-    weight: Optional[Tensor]
-    eps: float
+class ReplicaState:
+    """Replica ``index`` of one forward: what its calls and its start and end hooks share."""
+
+    __slots__ = ("group", "index", "calls", "depth", "started", "done", "error", "seen", "watched", "outer",
+                 "outer_error", "autocast")
+
+    def __init__(self, group: "ReplicaGroup", index: int) -> None:
+        self.group = group
+        self.index = index
+        self.calls = 0  # synchronized calls so far (only this replica's thread counts them)
+        self.depth = 0  # calls of the replica's root in progress (a forward may call its root again)
+        self.started = self.done = False
+        self.error: Optional[BaseException] = None
+        self.seen: set = set()  # replica 0: layer indices whose calls reached autosyncbn
+        self.watched: list = []  # replica 0: (layer, step-counter version, layer index), see replicas.py
+        self.outer: Optional[ReplicaState] = None  # the thread's replica before this one started
+        self.outer_error: Optional[BaseException] = None
+        self.autocast: list = []
 
 
-@dataclass
 class _Slot:
-    contributions: list
-    results: Optional[list] = None
-    error: Optional[Callable[[int], Exception]] = None
-    collected: int = 0
-
-
-@dataclass
-class _ReplicaState:
-    calls: int = 0
-    done: bool = False
-    error: Optional[BaseException] = None
+    __slots__ = ("contributions", "arrived", "ready", "opened", "results", "error", "created")
 
 
 def _describe(error: BaseException) -> str:
@@ -53,127 +62,143 @@ def _describe(error: BaseException) -> str:
 
 
 class ReplicaGroup:
-    """Matches the i-th synchronized batch-statistics call of every replica of one forward."""
+    """Matches the i-th synchronized batch-statistics call of every replica of one forward.
 
-    def __init__(self, num_replicas: int, timeout: float) -> None:
+    Args:
+        num_replicas: how many replicas meet.
+        timeout: seconds a replica waits for its peers at one call.
+        plan: what this forward synchronizes (``replicas.ReplicaPlan``), fixed at replicate.
+        layer_names: gives every layer index's qualified name (for messages and the exclude filter).
+    """
+
+    def __init__(self, num_replicas: int, timeout: float, plan: Any, layer_names: Callable[[], list]) -> None:
         self.num_replicas = num_replicas
         self.timeout = timeout
-        self._cond = threading.Condition()
+        self.plan = plan
+        self.routes: dict = {}  # layer index -> route, decided by the first replica that calls it
+        self.replicas = [ReplicaState(self, index) for index in range(num_replicas)]
+        self.autocast: list = []
+        self._layer_names = layer_names
+        self._names: Optional[list] = None
+        self._lock = threading.Lock()
         self._slots: dict[int, _Slot] = {}
-        self._replicas = [_ReplicaState() for _ in range(num_replicas)]
+        self._unfinished = num_replicas
+        self.on_finished: Callable[[], None] = lambda: None
 
-    # -- the end of each replica's call, reported by its call wrapper ----------
+    def layer_name(self, index: int) -> str:
+        """The qualified name of layer ``index`` (computed once, on first need)."""
+        if index < 0:
+            return "<BatchNorm call outside the replicated module>"
+        if self._names is None:
+            self._names = self._layer_names()
+        return self._names[index] if index < len(self._names) else f"<layer {index}>"
+
+    # -- the start and end of each replica's forward, reported by its hooks -----
     def replica_finished(self, replica: int, error: Optional[BaseException] = None) -> None:
-        """Mark a replica's call as ended, so peers waiting for it wake up at once."""
-        with self._cond:
-            state = self._replicas[replica]
-            state.done = True
-            state.error = error
-            self._cond.notify_all()
-
-    def replica_done(self, replica: int) -> bool:
-        with self._cond:
-            return self._replicas[replica].done
+        """Mark a replica's forward as ended; peers waiting for a call it never made wake at once."""
+        with self._lock:
+            state = self.replicas[replica]
+            if state.done:
+                return
+            state.done, state.error = True, error
+            for slot in self._slots.values():
+                if slot.contributions[replica] is None and not slot.opened:
+                    slot.opened = True
+                    slot.ready.release()
+            self._unfinished -= 1
+            last = self._unfinished == 0
+        if last:
+            self.on_finished()
 
     def root_failure(self) -> Optional[tuple[int, BaseException]]:
         """The first replica error that is not about synchronization itself (the real cause)."""
-        with self._cond:
-            for index, state in enumerate(self._replicas):
-                if state.error is not None and not isinstance(state.error, SyncBatchNormError):
-                    return index, state.error
+        for index, state in enumerate(self.replicas):
+            if state.error is not None and not isinstance(state.error, SyncBatchNormError):
+                return index, state.error
         return None
 
-    # -- called by each synchronized call ----------------------------------------
-    def exchange_for(self, replica: int, layer: str, channels: int) -> Exchange:
-        """The exchange of replica ``replica``'s next synchronized call (numbered from 0)."""
-        # Only replica ``replica``'s own thread counts its calls (peers just read the count).
-        state = self._replicas[replica]
-        call = state.calls
-        state.calls += 1
-
-        def exchange(input: Tensor, weight: Optional[Tensor], count: int, moments: "tuple[Tensor, Tensor]",
-                     eps: float) -> Share:
-            return self._meet(replica, call, _Contribution(layer, channels, count, moments, input, weight, eps))
-
-        return exchange
-
-    def _meet(self, replica: int, call: int, contribution: _Contribution) -> Share:
-        """Deposit this replica's moments for ``call``; return the merged statistics."""
-        with self._cond:
+    # -- one synchronized call -------------------------------------------------------
+    def meet(self, replica: int, call: int, contribution: Contribution) -> "tuple[LayerCall, tuple[Tensor, ...]]":
+        """Deposit replica ``replica``'s call number ``call``; return the merged call and every output."""
+        with self._lock:
             slot = self._slots.get(call)
             if slot is None:
-                slot = self._slots[call] = _Slot([None] * self.num_replicas)
+                slot = self._slots[call] = self._new_slot()
             slot.contributions[replica] = contribution
-            if all(c is not None for c in slot.contributions):
-                self._complete(call, slot)
-                self._cond.notify_all()
-            else:
-                self._wait(replica, call, slot)
-            slot.collected += 1
-            if slot.collected == self.num_replicas:
+            slot.arrived += 1
+            last = slot.arrived == self.num_replicas
+            if last:
                 del self._slots[call]
-            if slot.error is not None:
-                raise slot.error(replica)
-            return slot.results[replica]  # type: ignore[index]
+        if last:
+            self._complete(call, slot)
+            slot.ready.release()
+        else:
+            # The lock is a baton: whoever holds it passes it on to the next waiter.
+            while not slot.ready.acquire(True, POLL_SECONDS):
+                self._raise_if_stuck(replica, call, slot)
+            slot.ready.release()
+            if slot.results is None and slot.error is None:  # woken because a peer ended: it never comes
+                self._raise_if_stuck(replica, call, slot)
+        if slot.error is not None:
+            raise slot.error(replica)
+        return slot.results  # type: ignore[return-value]
 
-    # -- internals -------------------------------------------------------------
-    def _wait(self, replica: int, call: int, slot: _Slot) -> None:
-        layer = slot.contributions[replica].layer
-        deadline = time.monotonic() + self.timeout
-        while slot.results is None and slot.error is None:
-            self._raise_if_peer_cannot_come(replica, call, slot, layer)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = [i for i, c in enumerate(slot.contributions) if c is None]
-                made = {i: self._replicas[i].calls for i in missing}
-                raise SyncTimeoutError(
-                    f"replica {replica} waited {self.timeout:g}s at BatchNorm call {call} "
-                    f"(layer '{layer}'), but replicas {missing} never reached that call "
-                    f"(BatchNorm calls made so far: {made}). If a replica is legitimately "
-                    f"slow, raise the timeout: install(timeout=...) or "
-                    f"DataParallelWithCallback(..., timeout=...)."
-                )
-            # Short waits: a peer's failure always notifies, this only bounds the clock.
-            self._cond.wait(min(remaining, 1.0))
-
-    def _raise_if_peer_cannot_come(self, replica: int, call: int, slot: _Slot, layer: str) -> None:
-        for peer, state in enumerate(self._replicas):
-            if peer == replica or slot.contributions[peer] is not None:
-                continue
-            if state.error is not None:
-                raise PeerFailedError(
-                    f"replica {replica} was waiting at BatchNorm call {call} (layer '{layer}'), "
-                    f"but replica {peer} raised after {state.calls} BatchNorm call(s): "
-                    f"{_describe(state.error)}"
-                ) from state.error
-            if state.done:
-                raise ReplicaMismatchError(
-                    f"replicas made different numbers of BatchNorm calls: replica {replica} "
-                    f"reached call {call} (layer '{layer}'), but replica {peer} finished its "
-                    f"forward after {state.calls} call(s). Every replica must run the same "
-                    f"BatchNorm layers in the same order."
-                )
+    def _new_slot(self) -> _Slot:
+        slot = _Slot()
+        slot.contributions = [None] * self.num_replicas
+        slot.arrived = 0
+        slot.ready = threading.Lock()
+        slot.ready.acquire()
+        slot.opened = False
+        slot.results = slot.error = None
+        slot.created = time.monotonic()
+        return slot
 
     def _complete(self, call: int, slot: _Slot) -> None:
-        contributions: list[_Contribution] = slot.contributions
-        first = contributions[0]
-        if any(c.layer != first.layer or c.channels != first.channels for c in contributions):
-            detail = ", ".join(
-                f"replica {i}: '{c.layer}' with {c.channels} channels" for i, c in enumerate(contributions)
-            )
-            message = (
-                f"replicas disagree at BatchNorm call {call}: {detail}. Every replica must "
-                f"run the same BatchNorm layers in the same order."
-            )
+        """The last replica to arrive: check that all agree, then merge and normalize for all."""
+        layers, channels, counts, moments, inputs, weights, biases, eps = zip(*slot.contributions)
+        if len(set(layers)) > 1 or len(set(channels)) > 1:
+            detail = ", ".join(f"replica {i}: '{self.layer_name(layer)}' with {width} channels"
+                               for i, (layer, width) in enumerate(zip(layers, channels)))
+            message = (f"replicas disagree at BatchNorm call {call}: {detail}. Every replica must "
+                       f"run the same BatchNorm layers in the same order.")
             slot.error = lambda replica: ReplicaMismatchError(f"in replica {replica}: {message}")
             return
         try:
-            slot.results = list(merge_parts([c.count for c in contributions], [c.moments for c in contributions],
-                                            [c.input for c in contributions], [c.weight for c in contributions],
-                                            first.eps))
+            slot.results = merge_parts(counts, moments, eps[0], inputs, weights, biases)
         except Exception as error:  # surfaced in every replica, never left waiting
-            failure = error
-            slot.error = lambda replica: SyncBatchNormError(
-                f"in replica {replica}: merging statistics at BatchNorm call {call} "
-                f"(layer '{first.layer}') failed: {_describe(failure)}"
-            )
+            detail = (f"merging statistics at BatchNorm call {call} (layer '{self.layer_name(layers[0])}') "
+                      f"failed: {_describe(error)}")
+            slot.error = lambda replica: SyncBatchNormError(f"in replica {replica}: {detail}")
+
+    def _raise_if_stuck(self, replica: int, call: int, slot: _Slot) -> None:
+        """Raise when the call cannot complete: a peer failed, finished, never started, or the deadline passed."""
+        layer = self.layer_name(slot.contributions[replica][0])
+        waited = time.monotonic() - slot.created
+        missing = [i for i, c in enumerate(slot.contributions) if c is None]
+        for peer in missing:
+            state = self.replicas[peer]
+            if state.error is not None:
+                # The peer's error is described, not chained: a runner that re-raises it
+                # while handling this one must not make a cycle of __cause__/__context__.
+                raise PeerFailedError(
+                    f"replica {replica} was waiting at BatchNorm call {call} (layer '{layer}'), but "
+                    f"replica {peer} raised after {state.calls} BatchNorm call(s): {_describe(state.error)}")
+            if state.done:
+                raise ReplicaMismatchError(
+                    f"replicas made different numbers of BatchNorm calls: replica {replica} reached "
+                    f"call {call} (layer '{layer}'), but replica {peer} finished its forward after "
+                    f"{state.calls} call(s). Every replica must run the same BatchNorm layers in the same order.")
+        not_started = [i for i in missing if not self.replicas[i].started]
+        if not_started and waited > min(self.timeout, START_GRACE_SECONDS):
+            raise SyncBatchNormError(
+                f"replica {replica} waited {waited:.0f}s at BatchNorm call {call} (layer '{layer}'), but "
+                f"replicas {not_started} never started their forward: synchronized replicas must run side "
+                f"by side, one thread each (as torch.nn.parallel.parallel_apply runs them), not one after another.")
+        if waited >= self.timeout:
+            made = {i: self.replicas[i].calls for i in missing}
+            raise SyncTimeoutError(
+                f"replica {replica} waited {self.timeout:g}s at BatchNorm call {call} (layer '{layer}'), "
+                f"but replicas {missing} never reached that call (BatchNorm calls made so far: {made}). "
+                f"If a replica is legitimately slow, raise the timeout: install(timeout=...) or "
+                f"DataParallelWithCallback(..., timeout=...).")

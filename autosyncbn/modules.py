@@ -14,65 +14,64 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
-import torch
+import types
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import dispatch
-from .context import EXCLUDED_ATTRIBUTE
 from .naming import record_name
 from .parallel import DataParallelWithCallback
+from .replicas import EXCLUDED_ATTRIBUTE
+
+
+class _LayerFunctional(types.ModuleType):
+    """``torch.nn.functional`` as autosyncbn's layers see it: ``batch_norm`` is autosyncbn's."""
+
+    batch_norm = staticmethod(dispatch.explicit_batch_norm)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(F, name)
+
+
+_LAYER_FUNCTIONAL = _LayerFunctional("autosyncbn.layer_functional")
+
+
+def _with_synchronized_batch_norm(forward: Callable) -> Callable:
+    """``forward`` itself (PyTorch's ``_BatchNorm.forward``, or a subclass's), its ``F.batch_norm``
+    being :func:`dispatch.explicit_batch_norm`: the same code, every option, every new argument."""
+    namespace = dict(forward.__globals__, F=_LAYER_FUNCTIONAL)
+    synchronized = types.FunctionType(forward.__code__, namespace, forward.__name__, forward.__defaults__,
+                                      forward.__closure__)
+    synchronized.__kwdefaults__ = forward.__kwdefaults__
+    synchronized.__qualname__ = forward.__qualname__
+    synchronized.__doc__ = forward.__doc__
+    return synchronized
 
 
 class _SynchronizedBatchNormMixin:
     """Synchronize across DataParallel replicas (under the explicit API or ``install()``) or
-    across a process group while using batch statistics; else PyTorch's path."""
+    across a process group while using batch statistics; else PyTorch's path.
+
+    Takes every argument of the BatchNorm class it is mixed into, plus
+    ``process_group`` (keyword). Its forward is that class's own (see
+    :func:`_with_synchronized_batch_norm`).
+    """
 
     # A process group is no TorchScript type; scripted layers never synchronize.
     __jit_ignored_attributes__ = ["process_group"]
-    _autosyncbn_explicit = True  # replicas.py: a layer of the explicit API
+    _autosyncbn_explicit = True  # dispatch: a layer of the explicit API
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device: Any = None,
-                 dtype: Any = None, process_group: Any = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,  # type: ignore[call-arg]
-                         device=device, dtype=dtype)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = next(vars(base)["forward"] for base in cls.__mro__[cls.__mro__.index(_SynchronizedBatchNormMixin) + 1:]
+                       if "forward" in vars(base))
+        cls.forward = _with_synchronized_batch_norm(forward)  # type: ignore[attr-defined]
+
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.process_group = process_group
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        # _BatchNorm.forward's own preamble, so the statistics call gets exactly
-        # the arguments PyTorch would give F.batch_norm.
-        exponential_average_factor = 0.0
-        if self.momentum is not None:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative moving average
-                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-                else:
-                    exponential_average_factor = self.momentum
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
-        tracked = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracked else None
-        running_var = self.running_var if tracked else None
-        if torch.jit.is_scripting():
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                bn_training, exponential_average_factor, self.eps)
-        return self._batch_norm(input, running_mean, running_var, bn_training, exponential_average_factor)
-
-    @torch.jit.unused
-    def _batch_norm(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                    training: bool, momentum: float) -> Tensor:
-        return dispatch.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, training, momentum,
-            self.eps, owner=self, explicit=True, process_group=self.process_group,
-        )
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNormMixin, nn.BatchNorm1d):
@@ -150,6 +149,7 @@ _TO_SYNCHRONIZED = {
     nn.BatchNorm2d: SynchronizedBatchNorm2d,
     nn.BatchNorm3d: SynchronizedBatchNorm3d,
     nn.SyncBatchNorm: SynchronizedBatchNorm,
+    _BatchNormXd: SynchronizedBatchNorm,
 }
 _TO_PLAIN = {
     SynchronizedBatchNorm1d: nn.BatchNorm1d,
@@ -158,6 +158,35 @@ _TO_PLAIN = {
     SynchronizedBatchNorm: _BatchNormXd,
     nn.SyncBatchNorm: _BatchNormXd,
 }
+
+
+_SYNCHRONIZED_SUBCLASSES: dict[type, type] = {}
+
+
+def _synchronized_class(base: type) -> type:
+    """The synchronized twin of another ``_BatchNorm`` subclass (timm's ``BatchNormAct2d``, say):
+    its own forward, with autosyncbn's ``F.batch_norm`` (made once per class)."""
+    cls = _SYNCHRONIZED_SUBCLASSES.get(base)
+    if cls is None:
+        namespace: dict[str, Any] = {"__module__": __name__, "_autosyncbn_base": base,
+                                     "__reduce_ex__": _reduce_synchronized}
+        if isinstance(getattr(base, "cls_to_become", None), type):  # lazy layers become their twin's twin
+            namespace["cls_to_become"] = _synchronized_class(_TO_SYNCHRONIZED.get(base.cls_to_become)
+                                                             or base.cls_to_become)
+        cls = type(f"Synchronized{base.__name__}", (_SynchronizedBatchNormMixin, base), namespace)
+        _SYNCHRONIZED_SUBCLASSES[base] = cls
+    return cls
+
+
+def _reduce_synchronized(self: nn.Module, protocol: int) -> tuple:
+    """Pickles and deep copies name the base class, which can be imported (the twin is made anew)."""
+    reduced = object.__reduce_ex__(self, protocol)
+    return (_new_synchronized, (type(self)._autosyncbn_base,), *reduced[2:])
+
+
+def _new_synchronized(base: type) -> nn.Module:
+    cls = _synchronized_class(base)
+    return cls.__new__(cls)
 
 
 def is_synchronized_class(layer: nn.Module) -> bool:
@@ -214,9 +243,12 @@ def convert_model(module: M, process_group: Any = None) -> M:
     device, dtype and optimizers carry over) and train/eval mode are kept;
     ``nn.SyncBatchNorm`` becomes :class:`SynchronizedBatchNorm`, which accepts
     every input rank it did. An ``nn.DataParallel`` becomes a
-    :class:`DataParallelWithCallback` with the same devices. Subclasses of
-    BatchNorm with a forward of their own (timm's ``BatchNormAct2d``) are left
-    as they are: ``autosyncbn.install()`` synchronizes those.
+    :class:`DataParallelWithCallback` with the same devices. Every other
+    ``_BatchNorm`` subclass (timm's ``BatchNormAct2d``, say) becomes its
+    synchronized twin: a subclass whose forward is its own, calling
+    autosyncbn's ``F.batch_norm``. (One that calls ``F.batch_norm`` under
+    another name synchronizes under DataParallel still, and is warned about
+    where it cannot.)
 
     Args:
         module: the model (or an ``nn.DataParallel`` around it).
@@ -242,6 +274,8 @@ def _convert(module: M, process_group: Any) -> M:
         inner = _convert(module.module, process_group)
         return _data_parallel_as(module, DataParallelWithCallback, inner)  # type: ignore[return-value]
     target = _TO_SYNCHRONIZED.get(type(module))
+    if target is None and isinstance(module, _BatchNorm) and not is_synchronized_class(module):
+        target = _synchronized_class(type(module))
     converted = module
     if target is not None:
         converted = _rebuild(module, target)  # type: ignore[arg-type]
@@ -261,7 +295,7 @@ def revert_model(module: M) -> M:
     _require_module(module, "revert_model")
     if isinstance(module, DataParallelWithCallback):
         return _data_parallel_as(module, nn.DataParallel, revert_model(module.module))  # type: ignore[return-value]
-    target = _TO_PLAIN.get(type(module))
+    target = _TO_PLAIN.get(type(module)) or getattr(type(module), "_autosyncbn_base", None)
     reverted = _rebuild(module, target) if target is not None else module  # type: ignore[arg-type]
     _convert_children(reverted, revert_model)
     return reverted  # type: ignore[return-value]

@@ -1,19 +1,19 @@
 """The explicit API's DataParallel: ``DataParallelWithCallback`` and ``patch_replication_callback``.
 
-Both run each forward through ``replicas.run_parallel`` with a plan that
-synchronizes autosyncbn's own layers (plain ``nn.BatchNorm*d`` stays per
-slice unless ``install()`` is active, which synchronizes every kind), and
-run the classic replication callbacks, as the classic ``sync_batchnorm``
-package does.
+Both act at ``replicate``, as the classic ``sync_batchnorm`` package does: the
+replicas are registered there (``replicas.register``) with a plan that
+synchronizes autosyncbn's own layers (plain ``nn.BatchNorm*d`` stays per slice,
+with a warning, unless ``install()`` is active, which synchronizes every kind),
+and the classic replication callbacks run there. So a DataParallel that runs
+its replicas with code of its own synchronizes too.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .context import ReplicaPlan
-from .replicas import run_parallel
+from .replicas import ReplicaPlan, register
 from .settings import DEFAULT_TIMEOUT, checked_timeout
 from .wrapping import Patch
 
@@ -26,10 +26,11 @@ def explicit_plan(timeout: float) -> ReplicaPlan:
 class DataParallelWithCallback(nn.DataParallel):
     """``nn.DataParallel`` whose ``SynchronizedBatchNorm*`` layers share statistics.
 
-    Drop-in for the classic ``sync_batchnorm.DataParallelWithCallback``: before
-    the replicas of each forward run, replication callbacks run and every
-    synchronized layer joins that forward's sync group. Plain ``nn.BatchNorm*``
-    layers stay per slice unless ``autosyncbn.install()`` is active.
+    Drop-in for the classic ``sync_batchnorm.DataParallelWithCallback``: when
+    the replicas of each forward are made, replication callbacks run and every
+    replica joins that forward's sync group, whoever runs it. Plain
+    ``nn.BatchNorm*`` layers stay per slice (with a warning) unless
+    ``autosyncbn.install()`` is active.
 
     Args:
         module (Module): module to be parallelized
@@ -51,20 +52,27 @@ class DataParallelWithCallback(nn.DataParallel):
         super().__init__(module, device_ids, output_device, dim)
         self.sync_timeout = timeout
 
-    def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list:
-        plan = explicit_plan(getattr(self, "sync_timeout", DEFAULT_TIMEOUT))
-        return run_parallel(replicas, lambda calls: super(DataParallelWithCallback, self).parallel_apply(
-            calls, inputs, kwargs), explicit_plan=plan)
+    def replicate(self, module: nn.Module, device_ids: Sequence[Any]) -> list:
+        replicas = super().replicate(module, device_ids)
+        register(replicas, explicit_plan(getattr(self, "sync_timeout", DEFAULT_TIMEOUT)))
+        return replicas
 
 
-def _replication_callback_patch(data_parallel: nn.DataParallel, timeout: float) -> Patch:
-    plan = explicit_plan(timeout)
+class _ReplicateWithCallback:
+    """A patched instance's ``replicate``: its class's ``replicate``, then registration.
 
-    def parallel_apply_with_callbacks(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        replicas, rest = args[0], args[1:]
-        return run_parallel(replicas, lambda calls: wrapped(calls, *rest, **kwargs), explicit_plan=plan)
+    It refers to its own DataParallel, so a deep copy of that DataParallel
+    gets a copy of this that drives the copy (EMA helpers deep-copy the model).
+    """
 
-    return Patch(data_parallel, "parallel_apply", wrapper=parallel_apply_with_callbacks)
+    def __init__(self, data_parallel: nn.DataParallel, timeout: float) -> None:
+        self.data_parallel = data_parallel
+        self.plan = explicit_plan(timeout)
+
+    def __call__(self, module: nn.Module, device_ids: Sequence[Any]) -> list:
+        replicas = type(self.data_parallel).replicate(self.data_parallel, module, device_ids)
+        register(replicas, self.plan)
+        return replicas
 
 
 _PATCH_ATTRIBUTE = "_autosyncbn_replication_patch"
@@ -73,9 +81,10 @@ _PATCH_ATTRIBUTE = "_autosyncbn_replication_patch"
 def patch_replication_callback(data_parallel: nn.DataParallel, *, timeout: float = DEFAULT_TIMEOUT) -> None:
     """Make an existing ``nn.DataParallel`` instance synchronize ``SynchronizedBatchNorm*`` layers.
 
-    The instance's ``parallel_apply`` is wrapped (the class is untouched).
-    Calling it again on the same instance only updates ``timeout`` (keyword
-    only): how long a replica waits for its peers at one BatchNorm call.
+    The instance's ``replicate`` is patched (the class is untouched), as the
+    classic package does. Calling it again on the same instance only updates
+    ``timeout`` (keyword only): how long a replica waits for its peers at one
+    BatchNorm call.
 
     Examples::
 
@@ -89,6 +98,6 @@ def patch_replication_callback(data_parallel: nn.DataParallel, *, timeout: float
     previous = data_parallel.__dict__.get(_PATCH_ATTRIBUTE)
     if previous is not None:
         previous.restore()
-    patch = _replication_callback_patch(data_parallel, timeout)
+    patch = Patch(data_parallel, "replicate", replacement=_ReplicateWithCallback(data_parallel, timeout))
     patch.apply()
     data_parallel.__dict__[_PATCH_ATTRIBUTE] = patch

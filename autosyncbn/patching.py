@@ -1,16 +1,20 @@
 """``install()``, ``uninstall()``, ``is_installed()`` and ``patched()``.
 
 One table of :class:`~autosyncbn.wrapping.Patch` entries drives both
-directions; the table is applied while ``install()`` holds or any
-``patched()`` scope is open, and restored when the last of them lets go:
+directions; the table is applied while ``install()`` holds, any
+``patched()`` scope is open or a synchronized forward runs, and restored when
+the last of them lets go:
 
 - ``torch.nn.functional.batch_norm``: every batch-statistics computation
   (``nn.BatchNorm*d``, ``nn.SyncBatchNorm`` without a process group, timm's
   ``BatchNormAct2d``, conditional BatchNorm) goes through ``dispatch``;
-- ``parallel_apply``, under each name DataParallel code calls it by
-  (``nn.DataParallel.parallel_apply`` and ``data_parallel()`` call the one in
-  ``torch.nn.parallel.data_parallel``): each forward is decided there, once,
-  before its replicas run (``replicas.run_parallel``).
+- ``nn.DataParallel.replicate`` and the ``replicate`` function it calls
+  (under each name code calls it by, so ``data_parallel()`` and subclasses
+  that skip ``super()`` are covered): each forward is decided there, once,
+  and its replicas registered (``replicas.register``), whoever runs them;
+- ``parallel_apply``, under each name DataParallel code calls it by: when it
+  re-raises a replica that only saw a peer fail, the caller gets the peer's
+  own error instead (``replicas.reraise_root_failure``).
 
 Scopes across threads: patching is process-wide, so a scope makes every
 thread's DataParallel forwards synchronize while it is open; each thread sees
@@ -27,31 +31,43 @@ import sys
 from typing import Any, Callable, Iterator, Optional
 
 import torch.nn.parallel
+from torch import nn
 
-from . import settings
-from .dispatch import FUNCTIONAL_BATCH_NORM, forget_warnings
-from .replicas import run_parallel
+from . import report, settings
+from .dispatch import FUNCTIONAL_BATCH_NORM
+from .errors import PeerFailedError
+from .replicas import plan_of, register, reraise_root_failure
 from .settings import DEFAULT_TIMEOUT, LayerFilter, Options
 from .wrapping import Patch, SharedPatches
 
 
+def _wrap_replicate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``replicate(network, devices, ...)``: register the replicas under this thread's options."""
+    replicas = wrapped(*args, **kwargs)
+    register(replicas, plan_of(settings.current()))
+    return replicas
+
+
 def _wrap_parallel_apply(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """``parallel_apply(modules, inputs, ...)``: run the replicas as one synchronized forward."""
-    if args:
-        modules, rest = args[0], args[1:]
-    else:
-        modules, rest = kwargs.pop("modules"), ()
-    return run_parallel(modules, lambda calls: wrapped(calls, *rest, **kwargs))
+    """``parallel_apply(modules, inputs, ...)``: the caller sees the failing replica's own error."""
+    try:
+        return wrapped(*args, **kwargs)
+    except PeerFailedError as error:
+        reraise_root_failure(args[0] if args else kwargs.get("modules", ()), error)
+        raise
 
 
 def _patch_table() -> list[Patch]:
-    names = [
-        sys.modules["torch.nn.parallel.data_parallel"],  # DataParallel and data_parallel()
-        sys.modules["torch.nn.parallel.parallel_apply"],  # subclasses importing the function
-        torch.nn.parallel,
+    data_parallel = sys.modules["torch.nn.parallel.data_parallel"]  # DataParallel and data_parallel()
+    replicate = sys.modules["torch.nn.parallel.replicate"]
+    parallel_apply = sys.modules["torch.nn.parallel.parallel_apply"]
+    return [
+        FUNCTIONAL_BATCH_NORM,
+        Patch(nn.DataParallel, "replicate", wrapper=_wrap_replicate),
+        *[Patch(owner, "replicate", wrapper=_wrap_replicate) for owner in (data_parallel, replicate, torch.nn.parallel)],
+        *[Patch(owner, "parallel_apply", wrapper=_wrap_parallel_apply)
+          for owner in (data_parallel, parallel_apply, torch.nn.parallel)],
     ]
-    return [FUNCTIONAL_BATCH_NORM] + [Patch(owner, "parallel_apply", wrapper=_wrap_parallel_apply)
-                                      for owner in names]
 
 
 PATCHES = SharedPatches(_patch_table)
@@ -63,7 +79,7 @@ settings.hold_patches_with(PATCHES)
 def _acquire() -> None:
     """Hold the patches; a fresh installation warns anew about unsynchronized layers."""
     if PATCHES.users == 0:
-        forget_warnings()
+        report.forget_warnings()
     PATCHES.acquire()
 
 
@@ -76,7 +92,7 @@ def install(
 ) -> None:
     """Synchronize every batch-statistics computation in ``nn.DataParallel`` replicas.
 
-    Patches ``torch.nn.functional.batch_norm`` and ``parallel_apply`` (see the
+    Patches ``torch.nn.functional.batch_norm`` and ``replicate`` (see the
     module docstring). Calling it again only updates the options. Every call
     puts back any of our patches that another library removed. Bad options
     raise here.

@@ -1,77 +1,183 @@
-"""One synchronized DataParallel forward: prepare its replicas, run them, check what ran.
+"""Registration at ``replicate``: every replica of one DataParallel forward joins one group.
 
-Everything here starts in the caller's thread, after ``replicate`` made the
-replicas and right where ``parallel_apply`` is about to run them: the one
-place that sees all replicas at once. :func:`run_forward`
+``replicate`` (patched by ``install()``, overridden by ``DataParallelWithCallback``,
+wrapped on an instance by ``patch_replication_callback``) makes the replicas
+in the caller's thread, before any of them runs: the one moment that sees
+all of them. :func:`register` then, in one walk over each replica's modules:
 
-1. walks every replica's modules once (:func:`prepare_replicas`): the
-   classic replication callbacks (``__data_parallel_replicate__``), buffers
-   of their own for replicas on replica 0's device (a device named twice in
-   ``device_ids`` would otherwise share them), and replica 0's layers to watch;
-2. makes the forward's ``ReplicaGroup`` and one :class:`ReplicaCall` per
-   replica, which enters the replica's context in its thread around the
-   whole call (pre-hooks, forward, hooks, re-entrant calls) and reports its
-   end or its error to the group, so peers never wait for a replica that
-   cannot come;
-3. when replica 0's call ends (in its thread), warns about any of its
-   BatchNorm layers that should have synchronized but counted a step without
-   calling F.batch_norm.
+1. gives every module a *seat*, ``module.__dict__[SEAT] = (replica, j)``:
+   the replica it belongs to and its position j in the module tree (the same
+   j in every replica). A BatchNorm call finds its replica from the module
+   that makes it, so a replica synchronizes whoever runs it: PyTorch's
+   ``parallel_apply``, a subclass's own threads, a test harness;
+2. calls the classic replication callbacks (``__data_parallel_replicate__``),
+   the j-th module of every replica sharing one context;
+3. gives replicas on replica 0's device buffers of their own (a device named
+   twice in ``device_ids`` would share them; replica 0 alone updates them);
+4. puts a start and an end hook on each replica's root module. They mark the
+   thread as running that replica (for calls no module makes), carry the
+   caller's autocast dtype in (``parallel_apply`` drops it), and report the
+   replica's end or error to the group, so peers never wait for a replica
+   that cannot come. When replica 0 ends, layers that counted a training step
+   without passing through autosyncbn are warned about.
+
+The forward's plan is fixed here, and the patches are held until every
+replica has ended (or the replicas are gone): an ``uninstall()`` meanwhile
+never splits a forward in two. Nothing here refers back to a module, so a
+step leaves no reference cycle behind.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Optional, Sequence, TypeVar
+import sys
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import settings
-from .context import ReplicaContext, ReplicaPlan, entered
-from .context import current as current_context
-from .dispatch import warn_unreached
+from . import report, settings
 from .errors import PeerFailedError, SyncBatchNormError
-from .group import ReplicaGroup
+from .group import ReplicaGroup, ReplicaState
+from .settings import LayerFilter
 
-T = TypeVar("T")
+SEAT = "_autosyncbn_seat"
+"""Instance attribute of every module of a registered replica: ``(ReplicaState, layer index)``."""
+
+EXCLUDED_ATTRIBUTE = "_autosyncbn_excluded"
+"""Instance attribute marking a module whose BatchNorm calls stay per slice (``autosyncbn.exclude``)."""
+
+EXPLICIT_ATTRIBUTE = "_autosyncbn_explicit"
+"""Class or instance attribute: an autosyncbn layer, synchronized under the explicit API too
+(the ``SynchronizedBatchNorm*`` classes; other ``_BatchNorm`` subclasses marked by ``convert_model``)."""
+
+_HOOK = "autosyncbn"  # the key of our hooks in a replica root's own hook tables
+
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """What one DataParallel forward synchronizes, fixed at replicate.
+
+    ``include_plain``: every batch-statistics computation (``install()``), or
+    only autosyncbn's layers (the explicit API).
+    """
+
+    timeout: float
+    include_plain: bool
+    exclude: Optional[LayerFilter] = None
+    distributed: bool = False
+    process_group: Any = None
+
+
+def plan_of(options: Optional[settings.Options]) -> Optional[ReplicaPlan]:
+    """What ``install()``/``patched()`` options synchronize in a DataParallel forward."""
+    if options is None:
+        return None
+    return ReplicaPlan(options.timeout, include_plain=True, exclude=options.exclude,
+                       distributed=options.distributed, process_group=options.process_group)
+
+
+_live = [0]  # forwards registered and not yet ended
+
+
+def live_groups() -> int:
+    """How many registered forwards have a replica still running (or not yet started)."""
+    return _live[0]
+
+
+def running_replica() -> Optional[ReplicaState]:
+    """The replica this thread is running, or None."""
+    return getattr(_local, "replica", None)
 
 
 class CallbackContext:
     """Shared by the copies of one module across replicas (classic ``sync_batchnorm`` API)."""
 
 
-def prepare_replicas(replicas: Sequence[nn.Module]) -> list[tuple[_BatchNorm, int]]:
-    """One walk over every replica's modules, before any replica runs.
+def _in_tree_order(root: nn.Module) -> list[nn.Module]:
+    """``root.modules()`` as a list, without a generator step per module."""
+    order, seen, stack = [], set(), [root]
+    while stack:
+        module = stack.pop()
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        order.append(module)
+        children = list(module._modules.values())
+        children.reverse()
+        stack.extend(children)
+    return order
 
-    - Calls ``__data_parallel_replicate__(ctx, copy_id)`` on every module that
-      defines it; the j-th module of every replica shares one context, as in
-      the classic ``sync_batchnorm`` package, so modules written for it work.
-    - Gives replicas after the first copies of buffers they share with replica
-      0: a device listed twice in ``device_ids`` gets the source tensors
-      themselves from PyTorch's broadcast, while replica 0 alone updates
-      running statistics and ``num_batches_tracked`` must count each step once.
-    - Returns replica 0's training BatchNorm layers with the version of their
-      step counter: a layer that runs counts its step
-      (``num_batches_tracked.add_(1)``), which bumps that version, and reading
-      a version never waits for a GPU.
-    """
-    first_buffers = {id(b) for b in replicas[0].buffers()}
-    contexts: list = []
-    watched = []
-    for copy_id, replica in enumerate(replicas):
-        for index, module in enumerate(replica.modules()):
-            if copy_id == 0:
-                contexts.append(CallbackContext())
-                if isinstance(module, _BatchNorm) and module.training and module.num_batches_tracked is not None:
-                    watched.append((module, module.num_batches_tracked._version))
-            else:
-                for key, buffer in module._buffers.items():
+
+def _names_of(root: "weakref.ref[nn.Module]") -> Callable[[], list]:
+    def names() -> list:
+        module = root()
+        return [name or "<root>" for name, _ in module.named_modules()] if module is not None else []
+    return names
+
+
+def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None:
+    """Seat every replica's modules in one new group for this forward (see the module docstring)."""
+    if plan is None or not replicas or _registered(replicas):
+        return  # nothing asked for, or registered already (DataParallel.replicate calls replicate())
+    outer = running_replica()
+    if outer is not None and outer.group.num_replicas > 1:
+        raise SyncBatchNormError(
+            "a DataParallel runs inside a replica of another DataParallel: its BatchNorm layers "
+            "could synchronize only within each outer replica's slice. Wrap only the outermost model.")
+    group = ReplicaGroup(len(replicas), plan.timeout, plan, _names_of(weakref.ref(replicas[0])))
+    group.autocast = _autocast_state()
+    group.on_finished = weakref.finalize(group, _forward_ended, settings.hold_patches())
+    _live[0] += 1
+    contexts: dict[int, CallbackContext] = {}
+    first_buffers: set[int] = set()
+    for state, root in zip(group.replicas, replicas):
+        for index, module in enumerate(_in_tree_order(root)):
+            module.__dict__[SEAT] = (state, index)
+            buffers = module._buffers
+            if state.index == 0:
+                for buffer in buffers.values():
+                    first_buffers.add(id(buffer))
+                steps = buffers.get("num_batches_tracked")
+                if steps is not None and module.training and isinstance(module, _BatchNorm):
+                    state.watched.append((weakref.ref(module), steps._version, index))
+            elif first_buffers:
+                for key, buffer in buffers.items():
                     if buffer is not None and id(buffer) in first_buffers:
-                        module._buffers[key] = buffer.clone()
-            callback = getattr(module, "__data_parallel_replicate__", None)
+                        buffers[key] = buffer.clone()
+            callback = getattr(type(module), "__data_parallel_replicate__", None)
             if callback is not None:
-                callback(contexts[index], copy_id)
-    return watched
+                callback(module, contexts.setdefault(index, CallbackContext()), state.index)
+        _hook(root)
+
+
+def _registered(replicas: Sequence[nn.Module]) -> bool:
+    """Whether these replicas hold the seats of one group (a copy of a module copies its seat too)."""
+    seat = replicas[0].__dict__.get(SEAT)
+    if seat is None or seat[0].group.num_replicas != len(replicas):
+        return False
+    return all(replica.__dict__.get(SEAT, (None,))[0] is state
+               for replica, state in zip(replicas, seat[0].group.replicas))
+
+
+def _forward_ended(release_patches: Callable[[], None]) -> None:
+    """At the last replica's end, or when the replicas are gone without running."""
+    _live[0] -= 1
+    release_patches()
+
+
+def _hook(root: nn.Module) -> None:
+    """Our start hook first and end hook last, in hook tables of the replica's own
+    (a replica shares its hook tables with the original module)."""
+    own = root.__dict__
+    own["_forward_pre_hooks"] = OrderedDict([(_HOOK, _replica_started), *root._forward_pre_hooks.items()])
+    own["_forward_hooks"] = OrderedDict([*root._forward_hooks.items(), (_HOOK, _replica_ended)])
+    own["_forward_hooks_always_called"] = OrderedDict([*root._forward_hooks_always_called.items(), (_HOOK, True)])
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -80,102 +186,67 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
     return [(t, torch.get_autocast_dtype(t)) for t in types if torch.is_autocast_enabled(t)]
 
 
-class ReplicaCall:
-    """Calls replica ``index`` inside its context; ``parallel_apply`` calls it as the module.
+def _replica_started(root: nn.Module, args: Any) -> None:
+    state: ReplicaState = root.__dict__[SEAT][0]
+    state.depth += 1
+    if state.depth > 1:
+        return  # the root's forward calls the root again: one replica's forward still
+    state.started = True
+    state.outer, _local.replica = running_replica(), state
+    state.outer_error = sys.exc_info()[1]  # an exception the caller is handling is not ours
+    for device, dtype in state.group.autocast:
+        context = torch.autocast(device, dtype=dtype)
+        context.__enter__()
+        state.autocast.append(context)
 
-    ``watched``: replica 0's layers to check, once its call ends, for a step
-    taken without F.batch_norm (see :func:`prepare_replicas`).
+
+def _replica_ended(root: nn.Module, args: Any, result: Any) -> None:
+    """Also called when the forward raised (an always-called hook, inside PyTorch's except block)."""
+    state: ReplicaState = root.__dict__[SEAT][0]
+    state.depth -= 1
+    if state.depth > 0:
+        return
+    while state.autocast:
+        state.autocast.pop().__exit__(None, None, None)
+    _local.replica = state.outer
+    error = sys.exc_info()[1]
+    state.group.replica_finished(state.index, error if error is not state.outer_error else None)
+    if state.watched:
+        _warn_unreached(state)
+
+
+def _warn_unreached(state: ReplicaState) -> None:
+    """Replica 0's layers that counted a training step without reaching autosyncbn."""
+    for layer_ref, version, index in state.watched:
+        layer = layer_ref()
+        if layer is None or layer._buffers["num_batches_tracked"]._version == version or index in state.seen:
+            continue
+        name = state.group.layer_name(index)
+        plan = state.group.plan
+        if layer.__dict__.get(EXCLUDED_ATTRIBUTE, False) or (plan.exclude is not None and plan.exclude(name, layer)):
+            continue
+        report.warn_once(
+            f"unreached:{name}",
+            f"BatchNorm layer '{name}' in a DataParallel replica ran a training step without passing "
+            f"through torch.nn.functional.batch_norm (it calls torch.batch_norm or a kernel directly, "
+            f"or runs compiled code): it normalized per slice. Exclude it with autosyncbn.exclude() "
+            f"to silence this, or call F.batch_norm.")
+        if report.recording():
+            report.record(name, False, "not reached: did not call F.batch_norm", state.index)
+
+
+def reraise_root_failure(replicas: Sequence[Any], peer_error: PeerFailedError) -> None:
+    """A runner re-raised a replica that only saw a peer fail: raise the peer's own error instead.
+
+    The caller then catches what really happened (an out-of-memory error, say),
+    with this ``PeerFailedError`` chained once.
     """
-
-    def __init__(self, replica: nn.Module, context: ReplicaContext, autocast: list,
-                 watched: Sequence[tuple[_BatchNorm, int]] = ()) -> None:
-        self.replica = replica
-        self.context = context
-        self.autocast = autocast
-        self.watched = watched
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.replica, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        group, index = self.context.group, self.context.index
-        try:
-            with entered(self.context), contextlib.ExitStack() as stack:
-                for device, dtype in self.autocast:  # parallel_apply drops the caller's dtype
-                    stack.enter_context(torch.autocast(device, dtype=dtype))
-                output = self.replica(*args, **kwargs)
-        except BaseException as error:
-            group.replica_finished(index, error)
-            raise
-        group.replica_finished(index)
-        for layer, version in self.watched:
-            if layer.num_batches_tracked._version != version and self._should_have_synchronized(layer):
-                warn_unreached(self.context, layer)
-        return output
-
-    def _should_have_synchronized(self, layer: _BatchNorm) -> bool:
-        context = self.context
-        if id(layer) in context.synchronized or context.excludes(layer):
-            return False
-        return context.plan.include_plain or bool(getattr(layer, "_autosyncbn_explicit", False))
-
-
-def run_forward(replicas: Sequence[Any], plan: ReplicaPlan, run: Callable[[list], T]) -> T:
-    """Run ``replicas`` through ``run`` (their ``parallel_apply``) as one synchronized forward.
-
-    Replicas already wrapped by an outer call (a DataParallel subclass that
-    also calls the patched ``parallel_apply``) are run as they are. A single
-    replica gets a context too: it is one device, PyTorch's own path.
-    """
-    if not replicas or any(isinstance(r, ReplicaCall) for r in replicas):
-        return run(list(replicas))
-    if not all(getattr(r, "_is_replica", False) for r in replicas):
-        return run(list(replicas))  # not copies of one model (an ensemble): nothing to synchronize
-    outer = current_context()
-    if outer is not None and outer.group.num_replicas > 1:
-        raise SyncBatchNormError(
-            "a DataParallel runs inside a replica of another DataParallel: its BatchNorm layers "
-            "could synchronize only within each outer replica's slice. Wrap only the outermost model."
-        )
-    watched = prepare_replicas(replicas)
-    group = ReplicaGroup(len(replicas), plan.timeout)
-    autocast = _autocast_state()
-    calls = [ReplicaCall(replica, ReplicaContext(group, index, replica, plan), autocast,
-                         watched if index == 0 and len(replicas) > 1 else ())
-             for index, replica in enumerate(replicas)]
-    try:
-        return run(calls)
-    except PeerFailedError as peer_error:
-        # parallel_apply re-raises the first replica's error; when that replica only
-        # saw a peer fail, the peer's own exception is what the caller must see
-        # (a loop that catches out-of-memory errors still catches them).
-        root = group.root_failure()
-        if root is None:
-            raise
-        index, error = root
-        if hasattr(error, "add_note"):
-            error.add_note(f"(raised in DataParallel replica {index}; autosyncbn stopped its peers at once)")
-        raise error from peer_error
-
-
-def plan_of(options: Optional[settings.Options]) -> Optional[ReplicaPlan]:
-    """What ``install()``/``patched()`` options synchronize in a DataParallel forward."""
-    if options is None:
-        return None
-    return ReplicaPlan(options.timeout, include_plain=True, exclude=options.exclude)
-
-
-def run_parallel(replicas: Sequence[Any], run: Callable[[list], T],
-                 explicit_plan: Optional[ReplicaPlan] = None) -> T:
-    """The forward-level decision, once per DataParallel forward, before any replica runs.
-
-    Under ``install()``/``patched()`` every batch-statistics call synchronizes
-    (and the forward is counted, so ``uninstall()`` lets it finish); else the
-    explicit API's ``explicit_plan`` applies, if any; else the replicas run as
-    PyTorch runs them.
-    """
-    with settings.forward_options() as options:
-        plan = plan_of(options) or explicit_plan
-        if plan is None:
-            return run(list(replicas))
-        return run_forward(replicas, plan, run)
+    seat = replicas[0].__dict__.get(SEAT) if replicas else None
+    root = seat[0].group.root_failure() if seat is not None else None
+    if root is None:
+        return
+    index, error = root
+    if hasattr(error, "add_note") and not getattr(error, "_autosyncbn_noted", False):
+        error._autosyncbn_noted = True  # type: ignore[attr-defined]
+        error.add_note(f"(raised in DataParallel replica {index}; autosyncbn stopped its peers at once)")
+    raise error from peer_error

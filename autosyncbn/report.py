@@ -1,5 +1,8 @@
 """See what happened: which batch-statistics calls synchronized, which stayed per slice, and why.
 
+Also the one place that warns about a layer left per slice against the user's wish
+(``UnsynchronizedBatchNormWarning``, once per layer and installation).
+
 ``with autosyncbn.sync_report() as report:`` records every BatchNorm call
 that autosyncbn sees in the block (from every thread), and
 ``print(report)`` shows one row per layer and outcome.
@@ -7,10 +10,13 @@ that autosyncbn sees in the block (from every thread), and
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+from .errors import UnsynchronizedBatchNormWarning
 
 
 @dataclass(frozen=True)
@@ -65,17 +71,18 @@ class SyncReport:
         return "\n".join(lines)
 
 
-_open_reports: list[SyncReport] = []
+OPEN: list[SyncReport] = []
+"""The reports open now (read without a lock: a list is replaced, never changed in place)."""
 _lock = threading.Lock()
 
 
 def recording() -> bool:
-    return bool(_open_reports)
+    return bool(OPEN)
 
 
 def record(layer: str, synchronized: bool, reason: str, replica: Optional[int] = None) -> None:
     entry = SyncRecord(layer, synchronized, reason, replica)
-    for report in list(_open_reports):
+    for report in OPEN:
         report.add(entry)
 
 
@@ -90,11 +97,33 @@ def sync_report() -> Iterator[SyncReport]:
         >>> print(report)           # one row per layer: synchronized, or per slice and why
         >>> report.per_slice        # {'head.bn': ['excluded'], ...}
     """
+    global OPEN
     report = SyncReport()
     with _lock:
-        _open_reports.append(report)
+        OPEN = [*OPEN, report]
     try:
         yield report
     finally:
         with _lock:
-            _open_reports.remove(report)
+            OPEN = [r for r in OPEN if r is not report]
+
+
+# -- warnings: what stays per slice although it should synchronize -------------------
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def forget_warnings() -> None:
+    """Each installation warns once per layer (patching calls this when it first applies)."""
+    with _warned_lock:
+        _warned.clear()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One ``UnsynchronizedBatchNormWarning`` per layer and cause (replicas are new objects every
+    forward: keyed by name)."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, UnsynchronizedBatchNormWarning, stacklevel=4)

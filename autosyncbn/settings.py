@@ -6,8 +6,8 @@ thread synchronize. Options: ``install()`` holds one set; each scope holds its
 own, owned by the thread that entered it. A thread sees, in this order: the
 innermost scope it entered itself, else the options of ``install()``, else
 those of the most recent scope entered by any thread. The patches stay applied while ``install()`` holds, any scope is
-open, or any DataParallel forward that started under options still runs:
-each such forward holds the patches (``forward_options``), so ``uninstall()``
+open, or any DataParallel forward registered at ``replicate`` still runs:
+each such forward holds the patches (``hold_patches``), so ``uninstall()``
 never waits and never takes them away from a forward in flight. A forward is
 synchronized wholly or not at all.
 """
@@ -17,9 +17,8 @@ import itertools
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
-from contextlib import contextmanager
 from torch import nn
 
 DEFAULT_TIMEOUT = 300.0
@@ -150,22 +149,21 @@ _patches: Optional[Holder] = None
 
 
 def hold_patches_with(patches: Holder) -> None:
-    """``patching`` hands over its patches, which every running forward then holds."""
+    """``patching`` hands over its patches, which every synchronized forward then holds."""
     global _patches
     _patches = patches
 
 
-@contextmanager
-def forward_options() -> Iterator[Optional[Options]]:
-    """The options one DataParallel forward runs under, decided once; it holds the patches meanwhile."""
+def hold_patches() -> Callable[[], None]:
+    """Hold the patches for one forward (from ``replicate`` to its last replica's end); returns the release."""
+    patches = _patches
+    if patches is None:
+        return lambda: None
     with _lock:
-        options = current()
-        holds = options is not None and _patches is not None
-        if holds:
-            _patches.acquire()  # type: ignore[union-attr]
-    try:
-        yield options
-    finally:
-        if holds:
-            with _lock:
-                _patches.release()  # type: ignore[union-attr]
+        patches.acquire()
+
+    def release() -> None:
+        with _lock:
+            patches.release()
+
+    return release

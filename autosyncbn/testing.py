@@ -4,10 +4,9 @@
 the synchronized path would never run. :class:`EmulatedDataParallel` is an
 ``nn.DataParallel`` whose N "devices" are all the CPU: the input is split as
 DataParallel splits it, the module is replicated by PyTorch's own
-``replicate`` (through ``nn.DataParallel.replicate``), and the replicas go
-through the same per-forward decision as a real ``parallel_apply`` under
-``autosyncbn.install()`` (``replicas.run_parallel``), each in its own thread
-with the caller's grad mode and autocast state carried in.
+``replicate`` (through ``nn.DataParallel.replicate``, where ``autosyncbn.install()``
+registers the replicas), and the replicas run each in its own thread with the
+caller's grad mode and autocast state carried in, as ``parallel_apply`` runs them.
 
 Also here: :class:`EmulatedDataParallelWithCallback` (the explicit API on CPU
 replicas) and :class:`SavedTensorsLedger` (what autograd saves in each replica).
@@ -26,10 +25,10 @@ import torch
 from torch import nn
 from torch._utils import ExceptionWrapper
 
-from .context import ReplicaPlan
-from .parallel import explicit_plan
-from .replicas import run_parallel
-from .settings import DEFAULT_TIMEOUT
+from .errors import PeerFailedError
+from .parallel import DataParallelWithCallback
+from .replicas import reraise_root_failure
+from .settings import DEFAULT_TIMEOUT, checked_timeout
 from .wrapping import Patch, SharedPatches
 
 __all__ = [
@@ -172,9 +171,6 @@ class EmulatedDataParallel(nn.DataParallel):
         >>> loss = model(x).square().mean(); loss.backward()
     """
 
-    sync_plan: Optional[ReplicaPlan] = None
-    """What synchronizes without ``install()``: nothing (plain DataParallel)."""
-
     def __init__(self, module: nn.Module, num_replicas: int = 2, dim: int = 0) -> None:
         nn.Module.__init__(self)
         if isinstance(num_replicas, bool) or not isinstance(num_replicas, int):
@@ -202,14 +198,13 @@ class EmulatedDataParallel(nn.DataParallel):
         return tuple(tuple(part) for part in scattered), tuple(scattered_kwargs)
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list:
-        return run_parallel(replicas, lambda calls: _parallel_apply_on_cpu(calls, inputs, kwargs),
-                            explicit_plan=self.sync_plan)
+        return _parallel_apply_on_cpu(replicas, inputs, kwargs)
 
     def gather(self, outputs: Sequence[Any], output_device: Any) -> Any:
         return _gather(outputs, self.dim)
 
 
-class EmulatedDataParallelWithCallback(EmulatedDataParallel):
+class EmulatedDataParallelWithCallback(EmulatedDataParallel, DataParallelWithCallback):
     """:class:`autosyncbn.DataParallelWithCallback` on ``num_replicas`` CPU replicas.
 
     The explicit API without GPUs: ``SynchronizedBatchNorm*`` layers
@@ -231,7 +226,7 @@ class EmulatedDataParallelWithCallback(EmulatedDataParallel):
     def __init__(self, module: nn.Module, num_replicas: int = 2, dim: int = 0, *,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(module, num_replicas, dim)
-        self.sync_plan = explicit_plan(timeout)
+        self.sync_timeout = checked_timeout(timeout)
 
 
 def emulated_data_parallel(module: nn.Module, inputs: Any, num_replicas: int = 2, dim: int = 0,
@@ -279,7 +274,11 @@ def _parallel_apply_on_cpu(replicas: Sequence[nn.Module], inputs: Sequence[Any],
     for index in range(len(replicas)):
         output = results[index]
         if isinstance(output, ExceptionWrapper):
-            output.reraise()
+            try:
+                output.reraise()
+            except PeerFailedError as error:  # as autosyncbn's patch of parallel_apply does
+                reraise_root_failure(replicas, error)
+                raise
         outputs.append(output)
     return outputs
 

@@ -22,6 +22,7 @@ instrumentors and wrapt's own guide advise:
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 from typing import Any, Callable, Iterable, Optional
 
@@ -36,18 +37,15 @@ _MISSING = object()
 class _AutosyncbnWrapper(wrapt.FunctionWrapper):
     """A ``wrapt.FunctionWrapper`` that says it is autosyncbn's (found by identity in a chain).
 
-    Copies follow what they wrap: a wrapped function is one object (the copy is
-    the wrapper itself); a wrapped bound method of an object being deep-copied
-    becomes a wrapper around that copy's method, so a copied DataParallel keeps
-    its hook (EMA helpers deep-copy the wrapped model).
+    A wrapped function is one object: copies and deep copies (of a module that
+    holds a reference to it) are the wrapper itself.
     """
 
     def __copy__(self) -> "_AutosyncbnWrapper":
         return self
 
     def __deepcopy__(self, memo: dict) -> "_AutosyncbnWrapper":
-        wrapped = copy.deepcopy(self.__wrapped__, memo)
-        return self if wrapped is self.__wrapped__ else type(self)(wrapped, self._self_wrapper)
+        return self
 
 
 def _chain(value: Any) -> Iterable[Any]:
@@ -78,7 +76,8 @@ class Patch:
         self.attribute = attribute
         self.wrapper = wrapper
         self.replacement = replacement
-        self.active = False
+        # wrapt's enabled= switch, read at every call: a C method (len of a list), no Python frame.
+        self._on: list = []
         self._installed: Any = None  # our wrapper (or replacement) as last put in place
         self._original: Any = _MISSING
         self._owned = False
@@ -87,10 +86,19 @@ class Patch:
         owner = getattr(self.owner, "__name__", type(self.owner).__name__)
         return f"Patch({owner}.{self.attribute}, {'on' if self.active else 'off'})"
 
+    @property
+    def active(self) -> bool:
+        """Whether our wrapper acts (off: a pass-through, buried under another library's)."""
+        return bool(self._on)
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        self._on[:] = [True] if on else []
+
     # -- state -----------------------------------------------------------------
     def current(self) -> Any:
-        """What the attribute resolves to now (through the class hierarchy)."""
-        return getattr(self.owner, self.attribute, None)
+        """What the attribute is now (through the class hierarchy, unbound)."""
+        return inspect.getattr_static(self.owner, self.attribute, None)
 
     def is_live(self) -> bool:
         """Our wrapper is on and reachable from the attribute (maybe under others')."""
@@ -125,7 +133,7 @@ class Patch:
         if self.replacement is not None:
             installed: Any = self.replacement
         else:
-            installed = _AutosyncbnWrapper(self._original, self._call)
+            installed = _AutosyncbnWrapper(self._original, self.wrapper, enabled=self._on.__len__)
         setattr(self.owner, self.attribute, installed)
         self._installed = installed
         self.active = True
@@ -143,11 +151,6 @@ class Patch:
         # Otherwise another library wrapped on top of ours (we stay, switched off,
         # as a pass-through, and leave when it unwraps and we are asked again) or
         # removed ours already (nothing of ours is left to take out).
-
-    def _call(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if not self.active:
-            return wrapped(*args, **kwargs)  # switched off while buried under another wrapper
-        return self.wrapper(wrapped, instance, args, kwargs)  # type: ignore[misc]
 
 
 class SharedPatches:

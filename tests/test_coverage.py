@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import pytest
@@ -10,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import autosyncbn
-from autosyncbn.testing import EmulatedDataParallel, EmulatedDataParallelWithCallback
+from autosyncbn.testing import EmulatedDataParallel, EmulatedDataParallelWithCallback, cpu_replicate
 
-from helpers import assert_close_to_scale, assert_models_match, train_side_by_side
+from helpers import ConvBlock, assert_close_to_scale, assert_models_match, input_of_rank, train_side_by_side
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,25 +151,46 @@ def test_momentum_none_in_a_subclass_with_its_own_forward(installed):
 
 
 class RunsOwnReplicas(EmulatedDataParallel):
-    """A DataParallel whose parallel_apply starts its own threads: autosyncbn never sees the replicas."""
+    """A DataParallel whose parallel_apply starts threads of its own: its replicas synchronize all the same."""
 
     def parallel_apply(self, replicas, inputs, kwargs):
-        from autosyncbn.testing import _parallel_apply_on_cpu
+        outputs = [None] * len(replicas)
 
-        return _parallel_apply_on_cpu(replicas, inputs, kwargs)
+        def run(index):
+            outputs[index] = replicas[index](*inputs[index], **kwargs[index])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        return outputs
 
 
-def test_a_replica_autosyncbn_never_prepared_warns_once_per_layer(installed):
+def test_a_data_parallel_that_runs_its_replicas_itself_synchronizes(installed):
+    torch.manual_seed(0)
+    model = ConvBlock(4)
+    reference = copy.deepcopy(model)
+    for step, (out, ref_out, x, x_ref, model, reference) in enumerate(
+            train_side_by_side(model, [input_of_rank(4, 7).requires_grad_() for _ in range(3)], 3, RunsOwnReplicas)):
+        assert_close_to_scale(out, ref_out, what=f"output, step {step}")
+        assert_close_to_scale(x.grad, x_ref.grad, what=f"input grad, step {step}")
+        assert_models_match(model, reference)
+
+
+def test_replicas_made_before_install_warn_once_per_layer():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3))
-    parallel = RunsOwnReplicas(model, 2)
-    with pytest.warns(autosyncbn.UnsynchronizedBatchNormWarning, match="did not prepare") as caught:
-        parallel(torch.randn(8, 3))
-    layers = {str(w.message).split("'")[1] for w in caught
-              if issubclass(w.category, autosyncbn.UnsynchronizedBatchNormWarning)}
-    assert layers == {"1", "2"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", autosyncbn.UnsynchronizedBatchNormWarning)
-        parallel(torch.randn(8, 3))  # once per layer, not once per forward
+    replicas = cpu_replicate(model, 2)  # not registered: install() came later
+    with autosyncbn.patched():
+        with pytest.warns(autosyncbn.UnsynchronizedBatchNormWarning, match="did not register") as caught:
+            RunsOwnReplicas(model, 2).parallel_apply(replicas, [(p,) for p in torch.randn(8, 3).chunk(2)], [{}, {}])
+        layers = {str(w.message).split("'")[1] for w in caught
+                  if issubclass(w.category, autosyncbn.UnsynchronizedBatchNormWarning)}
+        assert layers == {"1", "2"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", autosyncbn.UnsynchronizedBatchNormWarning)
+            RunsOwnReplicas(model, 2).parallel_apply(replicas, [(p,) for p in torch.randn(8, 3).chunk(2)],
+                                                     [{}, {}])  # once per layer, not once per forward
 
 
 class CallsTheKernelDirectly(nn.BatchNorm1d):
@@ -207,7 +229,7 @@ def test_sync_report_says_what_synchronized_and_why(installed):
 
 def test_explicit_api_leaves_plain_layers_to_pytorch_and_says_so():
     model = nn.Sequential(autosyncbn.SynchronizedBatchNorm1d(3), nn.BatchNorm1d(3))
-    with autosyncbn.sync_report() as report, warnings.catch_warnings():
-        warnings.simplefilter("error", autosyncbn.UnsynchronizedBatchNormWarning)
+    with autosyncbn.sync_report() as report, pytest.warns(autosyncbn.UnsynchronizedBatchNormWarning,
+                                                          match=r"'1' \(BatchNorm1d\).*install\(\)"):
         EmulatedDataParallelWithCallback(model, 2)(torch.randn(8, 3))
     assert report.synchronized == ["0"]

@@ -1,6 +1,7 @@
 """Replicas that disagree or fail end the forward with a clear error, fast, and never hang."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 import autosyncbn
+import autosyncbn.testing
 from autosyncbn.testing import EmulatedDataParallel
 
 pytestmark = [pytest.mark.usefixtures("installed"), pytest.mark.timeout(30)]
@@ -91,13 +93,24 @@ def test_replica_raising_between_batchnorm_calls():
                   "replica-specific failure between")
 
 
+def _group(replicas: int, timeout: float) -> autosyncbn.group.ReplicaGroup:
+    plan = autosyncbn.replicas.ReplicaPlan(timeout, include_plain=True)
+    return autosyncbn.group.ReplicaGroup(replicas, timeout, plan, lambda: ["<root>", "layer1.bn"])
+
+
+def _contribution(count: int, channels: int = 3) -> tuple:
+    """Layer 1 ('layer1.bn') with ``count`` values per channel."""
+    x = torch.randn(count, channels)
+    return (1, channels, count, autosyncbn.moments.local_moments(x), x, None, None, 1e-5)
+
+
 def test_peer_error_names_the_failing_replica_and_call():
     # Replica 0 waits at call 0 while replica 1 has raised; its error names it.
-    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
+    group = _group(2, timeout=5)
     group.replica_finished(1, ArithmeticError("boom"))
-    exchange = group.exchange_for(0, "layer1.bn", 3)
-    with pytest.raises(autosyncbn.PeerFailedError, match=r"replica 0 was waiting at BatchNorm call 0 \(layer 'layer1.bn'\), but replica 1 raised.*ArithmeticError: boom"):
-        exchange(torch.zeros(4, 3), None, 4, (torch.zeros(3), torch.zeros(3)), 1e-5)
+    with pytest.raises(autosyncbn.PeerFailedError, match=r"replica 0 was waiting at BatchNorm call 0 \(layer 'layer1.bn'\), but replica 1 raised.*ArithmeticError: boom") as info:
+        group.meet(0, 0, _contribution(4))
+    assert info.value.__cause__ is None and info.value.__context__ is None  # nothing to loop through
 
 
 def test_replica_without_batchnorm_while_others_call_it():
@@ -105,10 +118,11 @@ def test_replica_without_batchnorm_while_others_call_it():
 
 
 def test_timeout_when_a_peer_never_arrives():
-    group = autosyncbn.group.ReplicaGroup(2, timeout=0.2)
+    group = _group(2, timeout=0.2)
+    group.replicas[1].started = True  # started, but never reaches the call
     start = time.monotonic()
-    with pytest.raises(autosyncbn.SyncTimeoutError, match=r"replica 0 waited 0.2s at BatchNorm call 0 \(layer 'bn'\).*\[1\]"):
-        group.exchange_for(0, "bn", 3)(torch.zeros(4, 3), None, 4, (torch.zeros(3), torch.zeros(3)), 1e-5)
+    with pytest.raises(autosyncbn.SyncTimeoutError, match=r"replica 0 waited 0.2s at BatchNorm call 0 \(layer 'layer1.bn'\).*\[1\]"):
+        group.meet(0, 0, _contribution(4))
     assert time.monotonic() - start < 2
 
 
@@ -119,24 +133,24 @@ def test_whole_batch_with_one_value_per_channel_raises_pytorch_error():
 
 
 def test_one_value_per_channel_over_replicas_is_pytorch_error_too():
-    import threading
-
-    from autosyncbn.functional import sync_batch_norm
-
-    group = autosyncbn.group.ReplicaGroup(2, timeout=5)
+    # A runner of its own may hand a replica an empty slice: (1, 0) values per channel in all.
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    replicas = autosyncbn.testing.cpu_replicate(model, 2)
     errors = []
 
-    def replica(index, count):
+    def run(replica, x):
         try:
-            sync_batch_norm(torch.randn(count, 3), None, None, 1e-5, group.exchange_for(index, "bn", 3))
+            replica(x)
         except ValueError as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=replica, args=(i, n)) for i, n in [(0, 1), (1, 0)]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(5)
+    with autosyncbn.patched():
+        autosyncbn.replicas.register(replicas, autosyncbn.replicas.ReplicaPlan(5.0, include_plain=True))
+        threads = [threading.Thread(target=run, args=(r, torch.randn(n, 3))) for r, n in zip(replicas, (1, 0))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
     assert len(errors) == 2 and all("more than 1 value per channel" in str(e) for e in errors)
 
 

@@ -67,13 +67,12 @@ def test_synchronized_class_outside_parallel_is_pytorch():
 
 
 def test_patch_replication_callback_is_idempotent():
-    import wrapt
-
     parallel = EmulatedDataParallel(convert_model(ConvBlock(2)), 2)
     patch_replication_callback(parallel)
-    patch_replication_callback(parallel)
-    hook = parallel.__dict__["parallel_apply"]
-    assert isinstance(hook, wrapt.FunctionWrapper) and not isinstance(hook.__wrapped__, wrapt.FunctionWrapper)
+    first = parallel.__dict__["replicate"]
+    patch_replication_callback(parallel, timeout=7)
+    hook = parallel.__dict__["replicate"]
+    assert hook is not first and hook.plan.timeout == 7 and hook.data_parallel is parallel
     x = input_of_rank(2, 8)
     reference = copy.deepcopy(parallel.module)
     assert_close_to_scale(parallel(x), reference(x))

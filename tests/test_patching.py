@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import itertools
 import sys
 
@@ -182,27 +183,33 @@ def test_subclass_whose_replicate_skips_super_is_covered(installed):
     torch.testing.assert_close(OwnReplicate(model, 4)(x), reference(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["data_parallel", "parallel_apply_module", "package"])
-def test_every_name_of_parallel_apply_is_hooked(installed, name):
-    # Code that calls parallel_apply by any of its names gets synchronized replicas.
-    owner = {"data_parallel": data_parallel_module, "parallel_apply_module": parallel_apply_module,
-             "package": torch.nn.parallel}[name]
-    seen = []
-
-    def run_replicas(modules, inputs, kwargs_tup=None, devices=None):  # CPU stand-in for the real one
-        from autosyncbn.testing import _parallel_apply_on_cpu
-
-        seen.append([type(m).__name__ for m in modules])
-        return _parallel_apply_on_cpu(modules, inputs, kwargs_tup or [{}] * len(modules))
-
-    hooked = vars(owner)["parallel_apply"]
+@pytest.mark.parametrize("name", ["method", "data_parallel", "replicate_module", "package"])
+def test_every_name_of_replicate_is_hooked(installed, name):
+    # Code that makes replicas by any name of replicate gets synchronized replicas, whoever runs them.
     layer = nn.BatchNorm1d(3)
+    make = {"method": lambda: nn.DataParallel.replicate(EmulatedDataParallel(layer, 2), layer, [0, 1]),
+            "data_parallel": lambda: data_parallel_module.replicate(layer, [0, 1]),
+            "replicate_module": lambda: sys.modules["torch.nn.parallel.replicate"].replicate(layer, [0, 1]),
+            "package": lambda: torch.nn.parallel.replicate(layer, [0, 1])}[name]
     x = torch.randn(8, 3) + torch.arange(8.0).unsqueeze(1)
-    replicas = EmulatedDataParallel(layer, 2).replicate(layer, [0, 1])
-    # Call our wrapper around the stand-in, exactly as the hooked name would be called.
-    outputs = type(hooked)(run_replicas, hooked._self_wrapper)(replicas, [(p,) for p in x.chunk(2)])
-    assert seen == [["ReplicaCall", "ReplicaCall"]]
+    with _cpu_replication():
+        replicas = make()
+    outputs = _run_in_threads_of_our_own(replicas, x.chunk(2))
     torch.testing.assert_close(torch.cat(outputs), nn.BatchNorm1d(3)(x), atol=1e-5, rtol=1e-5)
+
+
+def _run_in_threads_of_our_own(replicas, parts):
+    outputs = [None] * len(replicas)
+
+    def run(index):
+        outputs[index] = replicas[index](parts[index])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return outputs
 
 
 def test_exclude_predicate_and_marker_leave_layers_per_slice():
