@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import check, demo, migrate
+from .tools import check, demo, migrate
 
 
 def main(argv: "list[str] | None" = None) -> int:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from . import functional, naming, replicas, report, settings
 from .distributed import ProcessGroupTransport, usable_group
 from .errors import CheckpointRecomputeError, SyncBatchNormError
-from .group import ReplicaState
+from .group import ReplicaGroup
 from .moments import local_moments, update_running_stats
 from .replicas import EXCLUDED_ATTRIBUTE, EXPLICIT_ATTRIBUTE, SEAT
 from .wrapping import Patch
@@ -55,7 +55,8 @@ class BatchNormCall(NamedTuple):
 
     args: tuple  # input, running_mean, running_var, weight, bias, training, momentum, eps
     owner: Optional[nn.Module]
-    replica: Optional[ReplicaState] = None
+    group: Optional[ReplicaGroup] = None  # the DataParallel forward it belongs to
+    replica: int = -1
     layer: int = -1  # the owner's index in its replica's module tree (-1: no module of the replica)
 
 
@@ -69,10 +70,10 @@ class Route(NamedTuple):
 
 def decide(call: BatchNormCall) -> Route:
     """Route one training-mode call. The only place that decides (see the module docstring)."""
-    owner, replica = call.owner, call.replica
+    owner, group = call.owner, call.group
     explicit = _is_explicit(owner)
-    if replica is not None:
-        group, plan = replica.group, replica.group.plan
+    if group is not None:
+        plan = group.plan
         if group.num_replicas == 1:
             return Route(None, "a single replica: one device")
         if (explicit or plan.distributed) and usable_group(_process_group(owner, explicit, plan)) is not None:
@@ -145,8 +146,8 @@ def _excluded(owner: Optional[nn.Module], call: BatchNormCall, exclude: Optional
 
 
 def _name(call: BatchNormCall) -> str:
-    if call.replica is not None and call.layer >= 0:
-        return call.replica.group.layer_name(call.layer)
+    if call.group is not None and call.layer >= 0:
+        return call.group.layer_name(call.layer)
     return naming.qualified_name(call.owner)
 
 
@@ -170,47 +171,46 @@ def batch_norm(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwarg
     seat = owner.__dict__.get(SEAT) if isinstance(owner, nn.Module) else None
     if seat is None or type(args[0]) is not Tensor:
         return _without_seat(wrapped, args, owner if isinstance(owner, nn.Module) else None)
-    return _in_replica(wrapped, args, owner, seat[0], seat[1])
+    return _in_replica(wrapped, args, owner, *seat)
 
 
-def _in_replica(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.Module], replica: ReplicaState,
-                layer: int) -> Tensor:
-    """A call made in replica ``replica`` by its layer number ``layer`` (-1: no module of the replica)."""
-    if replica.done:
-        _raise_recompute(replica, layer, owner)
-    group = replica.group
+def _in_replica(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.Module], group: ReplicaGroup,
+                replica: int, layer: int) -> Tensor:
+    """A call made in replica ``replica`` of ``group`` by its layer number ``layer`` (-1: no module of it)."""
+    if group.done[replica]:
+        _raise_recompute(group, replica, layer, owner)
     route = group.routes.get(layer)
     if route is None:
-        route = decide(BatchNormCall(args, owner, replica, layer))
+        route = decide(BatchNormCall(args, owner, group, replica, layer))
         if layer >= 0:
             group.routes[layer] = route
-    if replica.index == 0:
-        replica.seen.add(layer)
+    if replica == 0:
+        group.seen.add(layer)
     if route.to is None:
         if report.OPEN:
-            _record(args, owner, route, replica, layer)
+            _record(args, owner, route, group, replica, layer)
         return wrapped(*args)
     if _functorch_active():
         raise SyncBatchNormError(
             f"BatchNorm layer '{group.layer_name(layer)}' ran under a torch.func transform (vmap, grad, "
-            f"jacrev, ...) in DataParallel replica {replica.index}: autosyncbn cannot synchronize a "
+            f"jacrev, ...) in DataParallel replica {replica}: autosyncbn cannot synchronize a "
             f"transformed call across replicas. Exclude the layer (autosyncbn.exclude) to run it per slice.")
     input, running_mean, running_var, weight, bias, _, momentum, eps = args
     functional.check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
     channels = input.shape[1]
-    number = replica.calls
-    replica.calls = number + 1
-    layer_call, outputs = group.meet(replica.index, number, (
+    number = group.calls[replica]
+    group.calls[replica] = number + 1
+    layer_call, outputs = group.meet(replica, number, (
         layer, channels, input.numel() // channels if channels else 0, local_moments(input), input, weight, bias,
         eps))
     if layer_call.total == 1:
         _raise_one_value(layer_call, input)
-    if replica.index == 0 and layer_call.total > 0:  # replica 0's buffers are the base module's
+    if replica == 0 and layer_call.total > 0:  # replica 0's buffers are the base module's
         update_running_stats(running_mean, running_var, layer_call.mean, layer_call.var, layer_call.total,
                              float(momentum))
     if report.OPEN:
-        _record(args, owner, route, replica, layer)
-    return outputs[replica.index]
+        _record(args, owner, route, group, replica, layer)
+    return outputs[replica]
 
 
 def _without_seat(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.Module]) -> Tensor:
@@ -224,11 +224,11 @@ def _without_seat(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[n
     if owner is None:
         owner = naming.calling_module()  # a function called F.batch_norm: the module above it
     seat = owner.__dict__.get(SEAT) if owner is not None else None
-    replica = replicas.running_replica()
     if seat is not None:
-        return _in_replica(wrapped, args, owner, seat[0], seat[1])
-    if replica is not None:  # a module outside the replicated tree, or no module at all
-        return _in_replica(wrapped, args, owner, replica, -1)
+        return _in_replica(wrapped, args, owner, *seat)
+    running = replicas.running_replica()
+    if running is not None:  # a module outside the replicated tree, or no module at all
+        return _in_replica(wrapped, args, owner, *running, -1)
     if (not settings.distributed_anywhere() and not report.recording() and owner is not None
             and not owner.__dict__.get("_is_replica", False) and not _is_explicit(owner)):
         return wrapped(*args)  # nothing to synchronize with
@@ -246,15 +246,16 @@ def _over_processes(args: tuple, owner: Optional[nn.Module], group: Any) -> Tens
     functional.check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
     channels = input.shape[1]
     transport = ProcessGroupTransport(group, naming.qualified_name(owner))
-    layer_call, output = functional.merge_over(transport, input, weight, bias,
-                                               input.numel() // channels if channels else 0,
-                                               local_moments(input), eps)
+    layer_call = functional.merge_over(transport, input.numel() // channels if channels else 0, local_moments(input),
+                                       eps)
     if layer_call.total == 1:
         _raise_one_value(layer_call, input)
+    # Running statistics before the node saves its input: torch.utils.checkpoint's recompute
+    # stops once the saved tensors are back, as it does after PyTorch's own kernel.
     if layer_call.total > 0:  # an empty whole batch leaves them, as PyTorch does
         update_running_stats(running_mean, running_var, layer_call.mean, layer_call.var, layer_call.total,
                              float(momentum))
-    return output
+    return functional.normalize(layer_call, (input,), (weight,), (bias,))[0]
 
 
 def _raise_one_value(call: functional.LayerCall, input: Tensor) -> None:
@@ -263,10 +264,10 @@ def _raise_one_value(call: functional.LayerCall, input: Tensor) -> None:
         f"channel over the whole batch (input size of this part {list(input.shape)})")
 
 
-def _raise_recompute(replica: ReplicaState, layer: int, owner: Optional[nn.Module]) -> None:
-    name = replica.group.layer_name(layer) if layer >= 0 else naming.qualified_name(owner)
+def _raise_recompute(group: ReplicaGroup, replica: int, layer: int, owner: Optional[nn.Module]) -> None:
+    name = group.layer_name(layer) if layer >= 0 else naming.qualified_name(owner)
     raise CheckpointRecomputeError(
-        f"BatchNorm layer '{name}' ran in replica {replica.index} after that replica's forward had "
+        f"BatchNorm layer '{name}' ran in replica {replica} after that replica's forward had "
         f"ended. This happens when torch.utils.checkpoint recomputes a synchronized layer during "
         f"backward (or a replica is called again): the replicas cannot meet again then. Keep "
         f"synchronized BatchNorm outside checkpointed segments, or exclude the layer with "
@@ -283,12 +284,12 @@ def _positional(*args: Any, **kwargs: Any) -> tuple:
     return tuple(bound.arguments.values())
 
 
-def _record(args: tuple, owner: Optional[nn.Module], route: Route, replica: Optional[ReplicaState] = None,
-            layer: int = -1) -> None:
+def _record(args: tuple, owner: Optional[nn.Module], route: Route, group: Optional[ReplicaGroup] = None,
+            replica: int = -1, layer: int = -1) -> None:
     if owner is None:
         owner = naming.calling_module()
-    name = _name(BatchNormCall(args, owner, replica, layer))
-    report.record(name, route.to is not None, route.reason, replica.index if replica is not None else None)
+    name = _name(BatchNormCall(args, owner, group, replica, layer))
+    report.record(name, route.to is not None, route.reason, replica if group is not None else None)
 
 
 # -- torch.compile ------------------------------------------------------------------------

@@ -162,12 +162,11 @@ def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"
     return call, normalize(call, inputs, weights, biases)
 
 
-def merge_over(transport: MomentsTransport, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-               count: int, moments: "tuple[Tensor, Tensor]", eps: float) -> tuple[LayerCall, Tensor]:
-    """This process's one part, its peers other processes reached through ``transport``."""
+def merge_over(transport: MomentsTransport, count: int, moments: "tuple[Tensor, Tensor]", eps: float) -> LayerCall:
+    """This process's one part, its peers other processes reached through ``transport``: the whole
+    batch's statistics (normalize with :func:`normalize`)."""
     counts, gathered = transport.gather(count, *moments)
-    call = LayerCall(chan_merge(tuple(counts), gathered, moments[0].dtype), sum(counts), eps, transport)
-    return call, normalize(call, (input,), (weight,), (bias,))[0]
+    return LayerCall(chan_merge(tuple(counts), gathered, moments[0].dtype), sum(counts), eps, transport)
 
 
 # -- backward: the one formula -------------------------------------------------------

@@ -33,26 +33,6 @@ Contribution = "tuple[int, int, int, tuple[Tensor, Tensor], Tensor, Optional[Ten
 """(layer index, channels, value count, (mean, var), input, weight, bias, eps) of one replica's call."""
 
 
-class ReplicaState:
-    """Replica ``index`` of one forward: what its calls and its start and end hooks share."""
-
-    __slots__ = ("group", "index", "calls", "depth", "started", "done", "error", "seen", "watched", "outer",
-                 "outer_error", "autocast")
-
-    def __init__(self, group: "ReplicaGroup", index: int) -> None:
-        self.group = group
-        self.index = index
-        self.calls = 0  # synchronized calls so far (only this replica's thread counts them)
-        self.depth = 0  # calls of the replica's root in progress (a forward may call its root again)
-        self.started = self.done = False
-        self.error: Optional[BaseException] = None
-        self.seen: set = set()  # replica 0: layer indices whose calls reached autosyncbn
-        self.watched: list = []  # replica 0: (layer, step-counter version, layer index), see replicas.py
-        self.outer: Optional[ReplicaState] = None  # the thread's replica before this one started
-        self.outer_error: Optional[BaseException] = None
-        self.autocast: list = []
-
-
 class _Slot:
     __slots__ = ("contributions", "arrived", "ready", "opened", "results", "error", "created")
 
@@ -76,8 +56,19 @@ class ReplicaGroup:
         self.timeout = timeout
         self.plan = plan
         self.routes: dict = {}  # layer index -> route, decided by the first replica that calls it
-        self.replicas = [ReplicaState(self, index) for index in range(num_replicas)]
-        self.autocast: list = []
+        self.autocast: list = []  # the caller's autocast (device, dtype) pairs
+        # Per replica, indexed by replica number (nothing here refers back to a module or the
+        # group, so a forward leaves no reference cycle):
+        self.calls = [0] * num_replicas  # synchronized calls so far (each counted by its own replica)
+        self.depth = [0] * num_replicas  # calls of the replica's root in progress (a forward may call it again)
+        self.started = [False] * num_replicas
+        self.done = [False] * num_replicas
+        self.errors: list[Optional[BaseException]] = [None] * num_replicas
+        self.outer: list = [None] * num_replicas  # what the thread ran before this replica started
+        self.outer_errors: list[Optional[BaseException]] = [None] * num_replicas
+        self.entered: list[list] = [[] for _ in range(num_replicas)]  # autocast contexts entered by its start
+        self.seen: set = set()  # replica 0's layer indices whose calls reached autosyncbn
+        self.watched: list = []  # replica 0's layers to check at its end (see replicas.py)
         self._layer_names = layer_names
         self._names: Optional[list] = None
         self._lock = threading.Lock()
@@ -97,10 +88,9 @@ class ReplicaGroup:
     def replica_finished(self, replica: int, error: Optional[BaseException] = None) -> None:
         """Mark a replica's forward as ended; peers waiting for a call it never made wake at once."""
         with self._lock:
-            state = self.replicas[replica]
-            if state.done:
+            if self.done[replica]:
                 return
-            state.done, state.error = True, error
+            self.done[replica], self.errors[replica] = True, error
             for slot in self._slots.values():
                 if slot.contributions[replica] is None and not slot.opened:
                     slot.opened = True
@@ -112,9 +102,9 @@ class ReplicaGroup:
 
     def root_failure(self) -> Optional[tuple[int, BaseException]]:
         """The first replica error that is not about synchronization itself (the real cause)."""
-        for index, state in enumerate(self.replicas):
-            if state.error is not None and not isinstance(state.error, SyncBatchNormError):
-                return index, state.error
+        for index, error in enumerate(self.errors):
+            if error is not None and not isinstance(error, SyncBatchNormError):
+                return index, error
         return None
 
     # -- one synchronized call -------------------------------------------------------
@@ -177,26 +167,26 @@ class ReplicaGroup:
         waited = time.monotonic() - slot.created
         missing = [i for i, c in enumerate(slot.contributions) if c is None]
         for peer in missing:
-            state = self.replicas[peer]
-            if state.error is not None:
+            error = self.errors[peer]
+            if error is not None:
                 # The peer's error is described, not chained: a runner that re-raises it
                 # while handling this one must not make a cycle of __cause__/__context__.
                 raise PeerFailedError(
                     f"replica {replica} was waiting at BatchNorm call {call} (layer '{layer}'), but "
-                    f"replica {peer} raised after {state.calls} BatchNorm call(s): {_describe(state.error)}")
-            if state.done:
+                    f"replica {peer} raised after {self.calls[peer]} BatchNorm call(s): {_describe(error)}")
+            if self.done[peer]:
                 raise ReplicaMismatchError(
                     f"replicas made different numbers of BatchNorm calls: replica {replica} reached "
                     f"call {call} (layer '{layer}'), but replica {peer} finished its forward after "
-                    f"{state.calls} call(s). Every replica must run the same BatchNorm layers in the same order.")
-        not_started = [i for i in missing if not self.replicas[i].started]
+                    f"{self.calls[peer]} call(s). Every replica must run the same BatchNorm layers in the same order.")
+        not_started = [i for i in missing if not self.started[i]]
         if not_started and waited > min(self.timeout, START_GRACE_SECONDS):
             raise SyncBatchNormError(
                 f"replica {replica} waited {waited:.0f}s at BatchNorm call {call} (layer '{layer}'), but "
                 f"replicas {not_started} never started their forward: synchronized replicas must run side "
                 f"by side, one thread each (as torch.nn.parallel.parallel_apply runs them), not one after another.")
         if waited >= self.timeout:
-            made = {i: self.replicas[i].calls for i in missing}
+            made = {i: self.calls[i] for i in missing}
             raise SyncTimeoutError(
                 f"replica {replica} waited {self.timeout:g}s at BatchNorm call {call} (layer '{layer}'), "
                 f"but replicas {missing} never reached that call (BatchNorm calls made so far: {made}). "

@@ -41,11 +41,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import report, settings
 from .errors import PeerFailedError, SyncBatchNormError
-from .group import ReplicaGroup, ReplicaState
+from .group import ReplicaGroup
 from .settings import LayerFilter
 
 SEAT = "_autosyncbn_seat"
-"""Instance attribute of every module of a registered replica: ``(ReplicaState, layer index)``."""
+"""Instance attribute of every module of a registered replica: ``(group, replica number, layer index)``."""
 
 EXCLUDED_ATTRIBUTE = "_autosyncbn_excluded"
 """Instance attribute marking a module whose BatchNorm calls stay per slice (``autosyncbn.exclude``)."""
@@ -90,8 +90,8 @@ def live_groups() -> int:
     return _live[0]
 
 
-def running_replica() -> Optional[ReplicaState]:
-    """The replica this thread is running, or None."""
+def running_replica() -> "Optional[tuple[ReplicaGroup, int]]":
+    """The (group, replica number) this thread is running, or None."""
     return getattr(_local, "replica", None)
 
 
@@ -126,7 +126,7 @@ def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None
     if plan is None or not replicas or _registered(replicas):
         return  # nothing asked for, or registered already (DataParallel.replicate calls replicate())
     outer = running_replica()
-    if outer is not None and outer.group.num_replicas > 1:
+    if outer is not None and outer[0].num_replicas > 1:
         raise SyncBatchNormError(
             "a DataParallel runs inside a replica of another DataParallel: its BatchNorm layers "
             "could synchronize only within each outer replica's slice. Wrap only the outermost model.")
@@ -136,33 +136,32 @@ def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None
     _live[0] += 1
     contexts: dict[int, CallbackContext] = {}
     first_buffers: set[int] = set()
-    for state, root in zip(group.replicas, replicas):
+    for replica, root in enumerate(replicas):
         for index, module in enumerate(_in_tree_order(root)):
-            module.__dict__[SEAT] = (state, index)
+            module.__dict__[SEAT] = (group, replica, index)
             buffers = module._buffers
-            if state.index == 0:
+            if replica == 0:
                 for buffer in buffers.values():
                     first_buffers.add(id(buffer))
                 steps = buffers.get("num_batches_tracked")
                 if steps is not None and module.training and isinstance(module, _BatchNorm):
-                    state.watched.append((weakref.ref(module), steps._version, index))
+                    group.watched.append((weakref.ref(module), steps._version, index))
             elif first_buffers:
                 for key, buffer in buffers.items():
                     if buffer is not None and id(buffer) in first_buffers:
                         buffers[key] = buffer.clone()
             callback = getattr(type(module), "__data_parallel_replicate__", None)
             if callback is not None:
-                callback(module, contexts.setdefault(index, CallbackContext()), state.index)
+                callback(module, contexts.setdefault(index, CallbackContext()), replica)
         _hook(root)
 
 
 def _registered(replicas: Sequence[nn.Module]) -> bool:
     """Whether these replicas hold the seats of one group (a copy of a module copies its seat too)."""
     seat = replicas[0].__dict__.get(SEAT)
-    if seat is None or seat[0].group.num_replicas != len(replicas):
+    if seat is None or seat[0].num_replicas != len(replicas):
         return False
-    return all(replica.__dict__.get(SEAT, (None,))[0] is state
-               for replica, state in zip(replicas, seat[0].group.replicas))
+    return all(root.__dict__.get(SEAT, (None, -1))[:2] == (seat[0], replica) for replica, root in enumerate(replicas))
 
 
 def _forward_ended(release_patches: Callable[[], None]) -> None:
@@ -187,42 +186,44 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
 
 
 def _replica_started(root: nn.Module, args: Any) -> None:
-    state: ReplicaState = root.__dict__[SEAT][0]
-    state.depth += 1
-    if state.depth > 1:
+    group, replica, _ = root.__dict__[SEAT]
+    group.depth[replica] += 1
+    if group.depth[replica] > 1:
         return  # the root's forward calls the root again: one replica's forward still
-    state.started = True
-    state.outer, _local.replica = running_replica(), state
-    state.outer_error = sys.exc_info()[1]  # an exception the caller is handling is not ours
-    for device, dtype in state.group.autocast:
+    group.started[replica] = True
+    group.outer[replica], _local.replica = running_replica(), (group, replica)
+    group.outer_errors[replica] = sys.exc_info()[1]  # an exception the caller is handling is not ours
+    for device, dtype in group.autocast:
         context = torch.autocast(device, dtype=dtype)
         context.__enter__()
-        state.autocast.append(context)
+        group.entered[replica].append(context)
 
 
 def _replica_ended(root: nn.Module, args: Any, result: Any) -> None:
     """Also called when the forward raised (an always-called hook, inside PyTorch's except block)."""
-    state: ReplicaState = root.__dict__[SEAT][0]
-    state.depth -= 1
-    if state.depth > 0:
+    group, replica, _ = root.__dict__[SEAT]
+    group.depth[replica] -= 1
+    if group.depth[replica] > 0:
         return
-    while state.autocast:
-        state.autocast.pop().__exit__(None, None, None)
-    _local.replica = state.outer
+    entered = group.entered[replica]
+    while entered:
+        entered.pop().__exit__(None, None, None)
+    _local.replica, group.outer[replica] = group.outer[replica], None
     error = sys.exc_info()[1]
-    state.group.replica_finished(state.index, error if error is not state.outer_error else None)
-    if state.watched:
-        _warn_unreached(state)
+    group.replica_finished(replica, error if error is not group.outer_errors[replica] else None)
+    group.outer_errors[replica] = None
+    if replica == 0 and group.watched:
+        _warn_unreached(group)
 
 
-def _warn_unreached(state: ReplicaState) -> None:
+def _warn_unreached(group: ReplicaGroup) -> None:
     """Replica 0's layers that counted a training step without reaching autosyncbn."""
-    for layer_ref, version, index in state.watched:
+    for layer_ref, version, index in group.watched:
         layer = layer_ref()
-        if layer is None or layer._buffers["num_batches_tracked"]._version == version or index in state.seen:
+        if layer is None or layer._buffers["num_batches_tracked"]._version == version or index in group.seen:
             continue
-        name = state.group.layer_name(index)
-        plan = state.group.plan
+        name = group.layer_name(index)
+        plan = group.plan
         if layer.__dict__.get(EXCLUDED_ATTRIBUTE, False) or (plan.exclude is not None and plan.exclude(name, layer)):
             continue
         report.warn_once(
@@ -232,7 +233,7 @@ def _warn_unreached(state: ReplicaState) -> None:
             f"or runs compiled code): it normalized per slice. Exclude it with autosyncbn.exclude() "
             f"to silence this, or call F.batch_norm.")
         if report.recording():
-            report.record(name, False, "not reached: did not call F.batch_norm", state.index)
+            report.record(name, False, "not reached: did not call F.batch_norm", 0)
 
 
 def reraise_root_failure(replicas: Sequence[Any], peer_error: PeerFailedError) -> None:
@@ -242,7 +243,7 @@ def reraise_root_failure(replicas: Sequence[Any], peer_error: PeerFailedError) -
     with this ``PeerFailedError`` chained once.
     """
     seat = replicas[0].__dict__.get(SEAT) if replicas else None
-    root = seat[0].group.root_failure() if seat is not None else None
+    root = seat[0].root_failure() if seat is not None else None
     if root is None:
         return
     index, error = root

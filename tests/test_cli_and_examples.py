@@ -38,7 +38,7 @@ def test_check_passes_and_prints_a_table(capsys):
 
 
 def test_check_fails_on_a_mismatch(capsys, monkeypatch):
-    from autosyncbn import check
+    from autosyncbn.tools import check
 
     monkeypatch.setattr(check.patching, "patched", __import__("contextlib").nullcontext)
     assert main(["check", "--replicas", "3", "--batch", "7"]) == 1

@@ -32,22 +32,30 @@ def _slice(sizes, tensor, rank):
     return torch.split(tensor, list(sizes))[rank]
 
 
+def _checkpointed(module):
+    """``module`` run under non-reentrant torch.utils.checkpoint (PyTorch's recommended mode)."""
+    return lambda x: torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+
+
 def worker_matches_global_batch(rank, world, sizes, route, input_rank):
     torch.manual_seed(0)
     base = ConvBlock(input_rank, momentum=None if route == "install" else 0.1)
     reference = copy.deepcopy(base)
-    model = autosyncbn.convert_model(base) if route == "explicit" else base
+    model = autosyncbn.convert_model(base) if route in ("explicit", "checkpoint") else base
+    run, run_reference = model, reference
+    if route == "checkpoint":  # the same on both sides: a recompute updates running statistics again
+        run, run_reference = _checkpointed(model), _checkpointed(reference)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
     for step, x_all in enumerate(_global_inputs(3, sum(sizes), input_rank)):
         x_all.requires_grad_()
-        ref_out = reference(x_all)  # outside the patch: one process, plain BatchNorm
+        ref_out = run_reference(x_all)  # outside the patch: one process, plain BatchNorm
         target_all = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(100 + step))
         loss_of(ref_out, target_all).backward()
         x = _slice(sizes, x_all.detach(), rank).clone().requires_grad_()
         target = _slice(sizes, target_all, rank)
         with autosyncbn.patched(distributed=True) if route == "install" else contextlib.nullcontext():
-            out = model(x)
+            out = run(x)
             # This rank's share of loss_of over the global batch.
             ((out * target).sum() + (out - target).square().sum() / ref_out.numel()).backward()
         assert_close_to_scale(out, _slice(sizes, ref_out.detach(), rank), what=f"rank {rank} output")
@@ -68,6 +76,12 @@ def test_ranks_match_one_process_with_the_global_batch(route, sizes):
 @pytest.mark.parametrize("input_rank", [2, 3, 5])
 def test_every_input_rank(input_rank):
     run_ranks(worker_matches_global_batch, 2, (3, 4), "explicit", input_rank)
+
+
+def test_non_reentrant_checkpoint_equals_one_process():
+    # Issue 17, item 6: the layer call is one autograd node saving its input once, so
+    # checkpoint's recompute in backward (which meets the other ranks again) unpacks it once.
+    run_ranks(worker_matches_global_batch, 2, (3, 4), "checkpoint", 4)
 
 
 def test_a_rank_with_an_empty_batch():

@@ -119,7 +119,7 @@ def test_replica_without_batchnorm_while_others_call_it():
 
 def test_timeout_when_a_peer_never_arrives():
     group = _group(2, timeout=0.2)
-    group.replicas[1].started = True  # started, but never reaches the call
+    group.started[1] = True  # started, but never reaches the call
     start = time.monotonic()
     with pytest.raises(autosyncbn.SyncTimeoutError, match=r"replica 0 waited 0.2s at BatchNorm call 0 \(layer 'layer1.bn'\).*\[1\]"):
         group.meet(0, 0, _contribution(4))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from autosyncbn import migrate as migrate_module
+from autosyncbn.tools import migrate as migrate_module
 from autosyncbn.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]

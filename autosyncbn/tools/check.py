@@ -16,8 +16,8 @@ import time
 import torch
 from torch import nn
 
-from . import patching
-from .report import SyncReport, sync_report
+from .. import patching
+from ..report import SyncReport, sync_report
 from .testing import EmulatedDataParallel
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import patching
+from .. import patching
 from .testing import EmulatedDataParallel
 
 RUNS = ("reference", "per-replica", "autosyncbn")
