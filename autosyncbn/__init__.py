@@ -3,21 +3,24 @@
 >>> import autosyncbn
 >>> autosyncbn.install()   # every nn.DataParallel now synchronizes BatchNorm statistics
 
-How one call flows (each box is one module; imports only point down)::
+How one forward and one call flow (each box is one module; imports only point down)::
 
-    install()/patched()  patching ──► wrapping.Patch on F.batch_norm and parallel_apply
-    DataParallelWithCallback  parallel        settings: the options each thread sees
-          │
-          ▼  parallel_apply, once per forward
-    replicas.run_parallel ── decides the forward's plan; makes its group.ReplicaGroup;
-          │                  runs each replica inside its context.ReplicaContext
-          ▼  every batch-statistics call: F.batch_norm (patched) or Synchronized*d
-    dispatch.batch_norm ── decide(): replica group, process group, or PyTorch's own
-          │                ──► group.ReplicaGroup (threads)   distributed.ProcessGroupTransport
-          ▼
-    functional.batch_norm ── local moments ─► exchange: Chan merge (moments.chan_merge)
-                             ─► _MergeStatistics (one node per layer call) ─► _Normalize per part
-                             running statistics updated by their owner (replica 0, every rank)
+    install()/patched()     patching: one table of wrapping.Patch (wrapt) -> F.batch_norm, replicate,
+    DataParallelWithCallback, patch_replication_callback  (parallel)         parallel_apply
+          |  replicate, once per forward, in the caller's thread
+          v
+    replicas.register -- the forward's plan and its group.ReplicaGroup; a seat (group, replica,
+          |              layer index) on every module of every replica; start/end hooks on roots
+          v  every batch-statistics call: F.batch_norm (patched) or an autosyncbn layer
+    dispatch.batch_norm -- calling module -> seat -> decide(), once per layer and forward
+          v
+    group.ReplicaGroup.meet (threads)       distributed.ProcessGroupTransport (processes)
+          v
+    functional -- moments.chan_merge -> LayerCall -> _SynchronizedNormalization, one autograd
+                  node per layer call, one backward formula
+
+The tools (demo, check, migrate, testing, processes, the pytest plugin) live in
+``autosyncbn.tools``; ``autosyncbn.testing`` and ``autosyncbn.processes`` are their public paths.
 """
 from .compat import patch_sync_batchnorm
 from .eps_mode import get_sbn_eps_mode, set_sbn_eps_mode

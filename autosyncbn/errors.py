@@ -3,8 +3,9 @@
 Every message says what was expected and what was found, and names the
 layer (its qualified name), the replica or rank, and the synchronized call
 number. Replica calls are counted from 0 within one DataParallel forward;
-process-group calls are counted from 0 per process group over the life of
-the process (forward calls; a backward carries the number of its forward).
+process-group calls are counted from 0 per process group (forward calls; a
+backward carries the number of its forward), and after a disagreement every
+rank restarts at one common number.
 """
 from __future__ import annotations
 
