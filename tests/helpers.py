@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import threading
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -97,3 +98,32 @@ def assert_models_match(model: nn.Module, reference: nn.Module, rel: float = 2e-
 def input_of_rank(rank: int, batch: int, channels: int = 3, generator=None) -> torch.Tensor:
     spatial = {2: (), 3: (7,), 4: (4, 5), 5: (3, 4, 2)}[rank]
     return torch.randn(batch, channels, *spatial, generator=generator) * 2.0 + 0.5
+
+
+def run_in_threads(replicas: Sequence[nn.Module], inputs: Sequence[tuple], kwargs: Sequence[dict] = ()) -> list:
+    """Run each replica in a thread of its own, as a user's CPU harness would; re-raise the first error."""
+    outputs, errors = [None] * len(replicas), [None] * len(replicas)
+    kwargs = list(kwargs) or [{}] * len(replicas)
+
+    def run(index: int) -> None:
+        try:
+            outputs[index] = replicas[index](*inputs[index], **kwargs[index])
+        except Exception as error:
+            errors[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for error in errors:
+        if error is not None:
+            raise error
+    return outputs
+
+
+class OwnThreads(EmulatedDataParallel):
+    """A DataParallel whose replicas are made by the real replicate and run in threads of its own."""
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        return run_in_threads(replicas, inputs, kwargs)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ from torch import nn
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel, EmulatedDataParallelWithCallback, cpu_replicate
 
-from helpers import ConvBlock, assert_close_to_scale, assert_models_match, input_of_rank, train_side_by_side
+from helpers import OwnThreads, ConvBlock, assert_close_to_scale, assert_models_match, input_of_rank, train_side_by_side
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,29 +149,12 @@ def test_momentum_none_in_a_subclass_with_its_own_forward(installed):
     assert_models_match(layer, reference)
 
 
-class RunsOwnReplicas(EmulatedDataParallel):
-    """A DataParallel whose parallel_apply starts threads of its own: its replicas synchronize all the same."""
-
-    def parallel_apply(self, replicas, inputs, kwargs):
-        outputs = [None] * len(replicas)
-
-        def run(index):
-            outputs[index] = replicas[index](*inputs[index], **kwargs[index])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        return outputs
-
-
 def test_a_data_parallel_that_runs_its_replicas_itself_synchronizes(installed):
     torch.manual_seed(0)
     model = ConvBlock(4)
     reference = copy.deepcopy(model)
     for step, (out, ref_out, x, x_ref, model, reference) in enumerate(
-            train_side_by_side(model, [input_of_rank(4, 7).requires_grad_() for _ in range(3)], 3, RunsOwnReplicas)):
+            train_side_by_side(model, [input_of_rank(4, 7).requires_grad_() for _ in range(3)], 3, OwnThreads)):
         assert_close_to_scale(out, ref_out, what=f"output, step {step}")
         assert_close_to_scale(x.grad, x_ref.grad, what=f"input grad, step {step}")
         assert_models_match(model, reference)
@@ -183,13 +165,13 @@ def test_replicas_made_before_install_warn_once_per_layer():
     replicas = cpu_replicate(model, 2)  # not registered: install() came later
     with autosyncbn.patched():
         with pytest.warns(autosyncbn.UnsynchronizedBatchNormWarning, match="did not register") as caught:
-            RunsOwnReplicas(model, 2).parallel_apply(replicas, [(p,) for p in torch.randn(8, 3).chunk(2)], [{}, {}])
+            OwnThreads(model, 2).parallel_apply(replicas, [(p,) for p in torch.randn(8, 3).chunk(2)], [{}, {}])
         layers = {str(w.message).split("'")[1] for w in caught
                   if issubclass(w.category, autosyncbn.UnsynchronizedBatchNormWarning)}
         assert layers == {"1", "2"}
         with warnings.catch_warnings():
             warnings.simplefilter("error", autosyncbn.UnsynchronizedBatchNormWarning)
-            RunsOwnReplicas(model, 2).parallel_apply(replicas, [(p,) for p in torch.randn(8, 3).chunk(2)],
+            OwnThreads(model, 2).parallel_apply(replicas, [(p,) for p in torch.randn(8, 3).chunk(2)],
                                                      [{}, {}])  # once per layer, not once per forward
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import threading
 import itertools
 import sys
 
@@ -16,7 +15,7 @@ from autosyncbn.testing import EmulatedDataParallel, _cpu_replication
 from autosyncbn.wrapping import Patch
 
 from conftest import PRISTINE, _PATCHED, _snapshot
-from helpers import ConvBlock, input_of_rank
+from helpers import ConvBlock, input_of_rank, run_in_threads
 
 data_parallel_module = sys.modules["torch.nn.parallel.data_parallel"]
 parallel_apply_module = sys.modules["torch.nn.parallel.parallel_apply"]
@@ -194,22 +193,8 @@ def test_every_name_of_replicate_is_hooked(installed, name):
     x = torch.randn(8, 3) + torch.arange(8.0).unsqueeze(1)
     with _cpu_replication():
         replicas = make()
-    outputs = _run_in_threads_of_our_own(replicas, x.chunk(2))
+    outputs = run_in_threads(replicas, [(p,) for p in x.chunk(2)])
     torch.testing.assert_close(torch.cat(outputs), nn.BatchNorm1d(3)(x), atol=1e-5, rtol=1e-5)
-
-
-def _run_in_threads_of_our_own(replicas, parts):
-    outputs = [None] * len(replicas)
-
-    def run(index):
-        outputs[index] = replicas[index](parts[index])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    return outputs
 
 
 def test_exclude_predicate_and_marker_leave_layers_per_slice():

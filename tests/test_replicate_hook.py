@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import threading
 import warnings
 
 import pytest
@@ -18,32 +17,9 @@ from torch import nn
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel, EmulatedDataParallelWithCallback, cpu_replicate
 
-from helpers import ConvBlock, assert_close_to_scale, assert_models_match, input_of_rank, train_side_by_side
+from helpers import OwnThreads, ConvBlock, assert_close_to_scale, assert_models_match, input_of_rank, train_side_by_side
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class OwnThreads(EmulatedDataParallel):
-    """A DataParallel whose replicas are made by the real replicate and run in threads of its own."""
-
-    def parallel_apply(self, replicas, inputs, kwargs):
-        outputs, errors = [None] * len(replicas), [None] * len(replicas)
-
-        def run(index):
-            try:
-                outputs[index] = replicas[index](*inputs[index], **kwargs[index])
-            except Exception as error:  # re-raised below, as a user's harness would
-                errors[index] = error
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        for error in errors:
-            if error is not None:
-                raise error
-        return outputs
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
