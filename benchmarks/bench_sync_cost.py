@@ -12,8 +12,8 @@ unsynchronized step:
   (statistics kernel, barrier, normalization kernel), with no Python around;
 - ``classic``: the classic sync_batchnorm algorithm (sums through queues).
 
-Targets at 4 replicas: autosyncbn <= floor + 0.05x, and >= 15% faster than
-classic. Writes results/sync_cost.json.
+Targets at 4 replicas (issue 18): small, autosyncbn <= floor + 0.12x and <=
+0.85x the classic step; medium, <= floor + 0.06x. Writes results/sync_cost.json.
 
 ``--split`` times instead the forward alone and the whole step of each
 variant at 4 replicas, "small" size, and prints backward as their

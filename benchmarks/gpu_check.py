@@ -55,6 +55,7 @@ def parallel_of(model: nn.Module, explicit: bool) -> tuple[nn.Module, str]:
         from autosyncbn.testing import EmulatedDataParallelWithCallback
 
         emulated = EmulatedDataParallelWithCallback(model, 4) if explicit else EmulatedDataParallel(model, 4)
+        emulated.src_device_obj = torch.device("cuda", 0)  # its replicas hold the model's CUDA tensors
         return emulated, "emulated replicas (threads) holding CUDA tensors"
 
 
@@ -147,6 +148,9 @@ def main() -> int:
     parser.add_argument("--output", default="gpu_results", help="folder for gpu_check.json")
     args = parser.parse_args()
     os.makedirs(args.output, exist_ok=True)
+    if not torch.cuda.is_available():
+        print("GPU check: no CUDA device here; skipped")
+        return 0
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"GPU check on {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}")
