@@ -96,15 +96,17 @@ def decide(call: BatchNormCall) -> Route:
         return Route("replicas", f"{group.num_replicas} replicas")
     options = settings.current()
     distributed = options is not None and options.distributed
-    if owner is not None and owner.__dict__.get("_is_replica", False) and settings.active():
+    if owner is not None and owner.__dict__.get("_is_replica", False) and (explicit or settings.active()):
         if _excluded(owner, call, None):
             return Route(None, "excluded")
         name = _name(call)
-        report.warn_once(
-            f"unprepared:{name}",
-            f"BatchNorm layer '{name}' ran in a DataParallel replica that autosyncbn did not register: "
-            f"the replicas were made before install(), or by code that does not call "
-            f"torch.nn.parallel.replicate. It normalized per slice.")
+        cause = ("its DataParallel is neither a DataParallelWithCallback nor patched by "
+                 "patch_replication_callback(), and install() is off" if explicit and not settings.active() else
+                 "the replicas were made before install(), or by code that does not call "
+                 "torch.nn.parallel.replicate")
+        report.warn_once(f"unprepared:{name}",
+                         f"BatchNorm layer '{name}' ran in a DataParallel replica that autosyncbn did not "
+                         f"register: {cause}. It normalized per slice.")
         return Route(None, "replica not registered by autosyncbn")
     if explicit or distributed:
         group = usable_group(_process_group(owner, explicit, options))
@@ -206,8 +208,8 @@ def _in_replica(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.
     if layer_call.total == 1:
         _raise_one_value(layer_call, input)
     if replica == 0 and layer_call.total > 0:  # replica 0's buffers are the base module's
-        update_running_stats(running_mean, running_var, layer_call.mean, layer_call.var, layer_call.total,
-                             float(momentum))
+        update_running_stats(running_mean, running_var, layer_call.merged[0], layer_call.merged[1],
+                             layer_call.total, float(momentum))
     if report.OPEN:
         _record(args, owner, route, group, replica, layer)
     return outputs[replica]
@@ -246,15 +248,15 @@ def _over_processes(args: tuple, owner: Optional[nn.Module], group: Any) -> Tens
     functional.check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
     channels = input.shape[1]
     transport = ProcessGroupTransport(group, naming.qualified_name(owner))
-    layer_call = functional.merge_over(transport, input.numel() // channels if channels else 0, local_moments(input),
-                                       eps)
+    layer_call = functional.merge_over(transport, input, input.numel() // channels if channels else 0,
+                                       local_moments(input), eps)
     if layer_call.total == 1:
         _raise_one_value(layer_call, input)
     # Running statistics before the node saves its input: torch.utils.checkpoint's recompute
     # stops once the saved tensors are back, as it does after PyTorch's own kernel.
     if layer_call.total > 0:  # an empty whole batch leaves them, as PyTorch does
-        update_running_stats(running_mean, running_var, layer_call.mean, layer_call.var, layer_call.total,
-                             float(momentum))
+        update_running_stats(running_mean, running_var, layer_call.merged[0], layer_call.merged[1],
+                             layer_call.total, float(momentum))
     return functional.normalize(layer_call, (input,), (weight,), (bias,))[0]
 
 

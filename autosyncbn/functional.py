@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .eps_mode import get_sbn_eps_mode
-from .moments import as_dtype, chan_merge, channel_view_shape, reduction_dims
+from .moments import accumulation_dtype, chan_merge, channel_view_shape, reduction_dims
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -77,15 +77,20 @@ class LayerCall:
     """The whole batch's statistics for one synchronized layer call, and how to normalize with them.
 
     Plain values (no autograd node, no output of one), so a graph never keeps
-    itself alive through it. Under the classic 'clamp' eps mode the kernel's
+    itself alive through it. ``merged`` is the float64 (mean, biased var) the
+    running statistics are updated from; the kernels use them in the input's
+    accumulation dtype. Under the classic 'clamp' eps mode the kernel's
     variance is ``max(var, eps)`` with no eps added, and a clamped channel's
     variance gets no gradient (``var_mask``).
     """
 
-    __slots__ = ("mean", "var", "total", "eps", "kernel_var", "kernel_eps", "invstd", "var_mask", "transport")
+    __slots__ = ("merged", "mean", "var", "total", "eps", "kernel_var", "kernel_eps", "invstd", "var_mask",
+                 "transport")
 
-    def __init__(self, merged: Tensor, total: int, eps: float, transport: Optional[MomentsTransport] = None) -> None:
-        self.mean, self.var = merged.unbind()  # in the accumulation dtype
+    def __init__(self, merged: Tensor, total: int, eps: float, dtype: torch.dtype,
+                 transport: Optional[MomentsTransport] = None) -> None:
+        self.merged = merged
+        self.mean, self.var = merged.to(dtype).unbind()
         self.total = total
         self.eps = eps
         self.transport = transport
@@ -158,15 +163,16 @@ def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"
     for pair in moments:  # on the first part's device (DataParallel's GPUs: every device's own)
         values.extend(pair if pair[0].device == device else (v.to(device) for v in pair))
     stacked = torch.stack(values).view(len(moments), 2, -1)
-    call = LayerCall(chan_merge(tuple(counts), stacked, stacked.dtype), sum(counts), eps)
+    call = LayerCall(chan_merge(tuple(counts), stacked), sum(counts), eps, accumulation_dtype(inputs[0].dtype))
     return call, normalize(call, inputs, weights, biases)
 
 
-def merge_over(transport: MomentsTransport, count: int, moments: "tuple[Tensor, Tensor]", eps: float) -> LayerCall:
+def merge_over(transport: MomentsTransport, input: Tensor, count: int, moments: "tuple[Tensor, Tensor]",
+               eps: float) -> LayerCall:
     """This process's one part, its peers other processes reached through ``transport``: the whole
     batch's statistics (normalize with :func:`normalize`)."""
     counts, gathered = transport.gather(count, *moments)
-    return LayerCall(chan_merge(tuple(counts), gathered, moments[0].dtype), sum(counts), eps, transport)
+    return LayerCall(chan_merge(tuple(counts), gathered), sum(counts), eps, accumulation_dtype(input.dtype), transport)
 
 
 # -- backward: the one formula -------------------------------------------------------
@@ -179,50 +185,49 @@ def _gradients(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Opti
     nothing to the sums and gets a dx from the statistics alone).
     """
     parts = len(inputs)
+    differentiable = torch.is_grad_enabled()
     mean, invstd = call.mean, call.invstd
-    if torch.is_grad_enabled() and call.transport is None:
+    if differentiable and call.transport is None:
         # create_graph=True: the statistics as functions of every part's input,
         # so second derivatives see them move.
         mean, invstd = _differentiable_statistics(call, inputs)
     home = mean.device
-    sums: list[Optional[Tensor]] = []  # every part's (sum dy, sum dy * xhat), on its device
-    total: Optional[Tensor] = None  # their sum in part order (a fixed order: no thread timing)
-    for input, grad in zip(inputs, grad_outputs):
+    sums: list[Optional[tuple[Tensor, Tensor]]] = [None] * parts  # (sum dy, sum dy * xhat), on the part's device
+    sum_dy = sum_dy_xhat = None  # over every part, added in part order (no thread timing)
+    for index, (input, grad) in enumerate(zip(inputs, grad_outputs)):
         if grad is None:
-            sums.append(None)
             continue
-        device = input.device
-        if input.numel() == 0:  # an empty part adds nothing (PyTorch's kernel rejects it)
-            part = torch.zeros(2, *mean.shape, dtype=mean.dtype, device=device)
-        elif device == home:
-            part = _part_sums(input, grad, mean, invstd)
-        else:
-            part = _part_sums(input, grad, mean.to(device), invstd.to(device))
-        sums.append(part)
-        part = part if device == home else part.to(home)
-        total = part if total is None else total + part
+        part = _part_sums(call, input, grad, mean, invstd, differentiable)
+        sums[index] = part
+        dy, dy_xhat = part if input.device == home else (part[0].to(home), part[1].to(home))
+        sum_dy = dy if sum_dy is None else sum_dy + dy
+        sum_dy_xhat = dy_xhat if sum_dy_xhat is None else sum_dy_xhat + dy_xhat
     if call.transport is not None:  # float64 across processes, as the moments
-        local = total if total is not None else torch.zeros(2, *mean.shape, dtype=mean.dtype, device=home)
-        total = call.transport.sum_gradients(local.double()).to(mean.dtype)
-    # dx = scale * (dy - sum(dy)/N - xhat * sum(dy xhat)/N) = scale * dy + slope * (x - mean) + offset
-    per_value = total / call.total if total is not None else None
+        local = (torch.stack([sum_dy, sum_dy_xhat]) if sum_dy is not None else  # type: ignore[list-item]
+                 torch.zeros(2, *mean.shape, dtype=mean.dtype, device=home))
+        sum_dy, sum_dy_xhat = call.transport.sum_gradients(local.double()).to(mean.dtype).unbind()
     results: list[Optional[Tensor]] = [None] * (3 * parts)
-    for index, (input, weight, grad, part) in enumerate(zip(inputs, weights, grad_outputs, sums)):
-        if needs[index] and per_value is not None:
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            slope = scale * invstd * -per_value[1]
-            if call.var_mask is not None:  # 'clamp': a clamped variance gets no gradient
-                slope = slope * call.var_mask
-            coefficients = torch.stack([scale, slope, scale * -per_value[0]])
-            if input.device != home:
-                coefficients = coefficients.to(input.device)
-            results[index] = _input_gradient(input, grad, mean if input.device == home else mean.to(input.device),
-                                             coefficients)
-        if part is not None and weight is not None and needs[parts + index]:
-            results[parts + index] = part[1] if part.dtype == weight.dtype else part[1].to(weight.dtype)
-        if part is not None and needs[2 * parts + index]:
-            dtype = bias_dtypes[index]
-            results[2 * parts + index] = part[0] if part.dtype == dtype else part[0].to(dtype)
+    if sum_dy is not None and any(needs[:parts]):
+        # dx = scale * (dy - sum(dy)/N - xhat * sum(dy xhat)/N) = scale * dy + slope * (x - mean) + offset,
+        # per channel, for every part at once (each replica has its own copy of the weight).
+        scales = (invstd.expand(parts, -1) if weights[0] is None else
+                  invstd * torch.stack([w.to(device=home, dtype=invstd.dtype) for w in weights]))  # type: ignore[union-attr]
+        per_xhat = sum_dy_xhat * invstd * (-1.0 / call.total)  # type: ignore[operator]
+        if call.var_mask is not None:  # 'clamp': a clamped variance gets no gradient
+            per_xhat = per_xhat * call.var_mask
+        slopes, offsets = scales * per_xhat, scales * (sum_dy * (-1.0 / call.total))
+        for index, (input, grad) in enumerate(zip(inputs, grad_outputs)):
+            if needs[index]:
+                results[index] = _input_gradient(input, grad, mean, scales[index], slopes[index], offsets[index],
+                                                 differentiable)
+    for index, (part, weight) in enumerate(zip(sums, weights)):
+        if part is None:
+            continue
+        if weight is not None and needs[parts + index]:
+            results[parts + index] = part[1] if part[1].dtype == weight.dtype else part[1].to(weight.dtype)
+        dtype = bias_dtypes[index]
+        if dtype is not None and needs[2 * parts + index]:
+            results[2 * parts + index] = part[0] if part[0].dtype == dtype else part[0].to(dtype)
     return results
 
 
@@ -240,45 +245,53 @@ def _differentiable_statistics(call: LayerCall, inputs: Sequence[Tensor]) -> tup
     return mean, (var + call.kernel_eps).rsqrt()
 
 
-def _part_sums(input: Tensor, grad: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
-    """(sum(dy), sum(dy * xhat)) of one part, stacked as (2, C).
+def _part_sums(call: LayerCall, input: Tensor, grad: Tensor, mean: Tensor, invstd: Tensor,
+               differentiable: bool) -> tuple[Tensor, Tensor]:
+    """(sum(dy), sum(dy * xhat)) of one part, on its device.
 
     PyTorch's fused eval-mode backward kernel (one pass) when no graph is
     built; differentiable ops under ``create_graph=True``.
     """
-    if not torch.is_grad_enabled():
-        # Empty save_mean/save_invstd mean "eval mode" to CUDA's kernel; its
-        # weight only sizes the sums (they do not depend on it).
+    device = input.device
+    if input.numel() == 0:  # an empty part adds nothing (PyTorch's kernel rejects it)
+        zeros = torch.zeros_like(mean, device=device)
+        return zeros, zeros
+    if not differentiable:
+        var = call.kernel_var
+        if device != mean.device:
+            mean, var = mean.to(device), var.to(device)
+        # Empty save_mean/save_invstd mean "eval mode" to CUDA's kernel; the weight
+        # (ones) only sizes the sums, which do not depend on it.
         unused = mean.new_empty(0)
-        _, sum_dy_xhat, sum_dy = _BACKWARD_KERNEL(grad, input, torch.ones_like(mean), mean,
-                                                   invstd.reciprocal().square(), unused, unused, False, 0.0,
-                                                   [False, True, True])
-        return torch.stack([sum_dy, sum_dy_xhat])
+        _, sum_dy_xhat, sum_dy = _BACKWARD_KERNEL(grad, input, torch.ones_like(mean), mean, var, unused, unused,
+                                                   False, call.kernel_eps, [False, True, True])
+        return sum_dy, sum_dy_xhat
     shape, dims = channel_view_shape(input), reduction_dims(input)
     dy = grad.to(mean.dtype)
-    xhat = (input.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
-    return torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])
+    xhat = (input.to(mean.dtype) - mean.to(device).view(shape)) * invstd.to(device).view(shape)
+    return dy.sum(dims), (dy * xhat).sum(dims)
 
 
 _BACKWARD_KERNEL = torch.ops.aten.native_batch_norm_backward.default._op
 """The operator itself (its Python ``OpOverload`` wrapper costs a call per use)."""
 
 
-def _input_gradient(input: Tensor, grad: Optional[Tensor], mean: Tensor, coefficients: Tensor) -> Tensor:
-    """``scale * dy + slope * (x - mean) + offset`` per channel, in the input's dtype.
-
-    ``coefficients`` stacks (scale, slope, offset), each of shape (C,).
-    """
-    scale, slope, offset = coefficients.unbind()
-    if not torch.is_grad_enabled() and input.numel():
+def _input_gradient(input: Tensor, grad: Optional[Tensor], mean: Tensor, scale: Tensor, slope: Tensor,
+                    offset: Tensor, differentiable: bool) -> Tensor:
+    """``scale * dy + slope * (x - mean) + offset`` per channel, in the input's dtype."""
+    device = input.device
+    if device != mean.device:
+        mean, scale, slope, offset = mean.to(device), scale.to(device), slope.to(device), offset.to(device)
+    shape = [1] * input.dim()
+    shape[1] = -1
+    if not differentiable and input.numel():
         # Two fused passes: PyTorch's eval kernel with a unit variance is (x - mean) * slope + offset.
-        dx = torch.native_batch_norm(input, slope, offset, mean, torch.ones_like(mean), False, 0.0, 0.0)[0]
+        # A half input is carried in float32 and rounded once, as PyTorch's own backward does.
+        carried = input if input.dtype == mean.dtype else input.to(mean.dtype)
+        dx = torch.native_batch_norm(carried, slope, offset, mean, torch.ones_like(mean), False, 0.0, 0.0)[0]
         if grad is not None:
-            shape = [1] * input.dim()
-            shape[1] = -1
-            dx = dx.addcmul_(grad, scale.to(dx.dtype).view(shape))
-        return dx
-    shape = channel_view_shape(input)
+            dx = dx.addcmul_(grad if grad.dtype == dx.dtype else grad.to(dx.dtype), scale.view(shape))
+        return dx if dx.dtype == input.dtype else dx.to(input.dtype)
     dx = (input.to(mean.dtype) - mean.view(shape)) * slope.view(shape) + offset.view(shape)
     if grad is not None:
         dx = dx + grad.to(mean.dtype) * scale.view(shape)

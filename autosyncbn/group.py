@@ -184,7 +184,9 @@ class ReplicaGroup:
             raise SyncBatchNormError(
                 f"replica {replica} waited {waited:.0f}s at BatchNorm call {call} (layer '{layer}'), but "
                 f"replicas {not_started} never started their forward: synchronized replicas must run side "
-                f"by side, one thread each (as torch.nn.parallel.parallel_apply runs them), not one after another.")
+                f"by side, one thread each (as torch.nn.parallel.parallel_apply runs them), not one after another, "
+                f"and be called as modules (replica(x), not replica.forward(x), which skips the hooks that "
+                f"report a replica's start, end and errors).")
         if waited >= self.timeout:
             made = {i: self.calls[i] for i in missing}
             raise SyncTimeoutError(

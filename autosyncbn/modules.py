@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
+import inspect
 import types
 
 import torch.nn.functional as F
@@ -68,6 +69,12 @@ class _SynchronizedBatchNormMixin:
         forward = next(vars(base)["forward"] for base in cls.__mro__[cls.__mro__.index(_SynchronizedBatchNormMixin) + 1:]
                        if "forward" in vars(base))
         cls.forward = _with_synchronized_batch_norm(forward)  # type: ignore[attr-defined]
+        # What inspect and IDEs show: the BatchNorm class's own arguments, and process_group.
+        plain = next(base for base in cls.__mro__ if base is not cls and "__init__" in vars(base)
+                     and not issubclass(base, _SynchronizedBatchNormMixin))
+        signature = inspect.signature(plain)
+        extra = inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None)
+        cls.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])  # type: ignore[attr-defined]
 
     def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -170,9 +177,9 @@ def _synchronized_class(base: type) -> type:
     if cls is None:
         namespace: dict[str, Any] = {"__module__": __name__, "_autosyncbn_base": base,
                                      "__reduce_ex__": _reduce_synchronized}
-        if isinstance(getattr(base, "cls_to_become", None), type):  # lazy layers become their twin's twin
-            namespace["cls_to_become"] = _synchronized_class(_TO_SYNCHRONIZED.get(base.cls_to_become)
-                                                             or base.cls_to_become)
+        becomes = getattr(base, "cls_to_become", None)
+        if isinstance(becomes, type):  # a lazy layer becomes the twin of what it would have become
+            namespace["cls_to_become"] = _TO_SYNCHRONIZED.get(becomes) or _synchronized_class(becomes)
         cls = type(f"Synchronized{base.__name__}", (_SynchronizedBatchNormMixin, base), namespace)
         _SYNCHRONIZED_SUBCLASSES[base] = cls
     return cls

@@ -43,25 +43,34 @@ def values_per_channel(input: Tensor) -> int:
 
 
 def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, biased variance) of ``input``, in the accumulation dtype.
+    """Per-channel (mean, biased variance) of ``input``: float64 for float32 and float64 inputs.
 
-    Uses PyTorch's own BatchNorm statistics kernel (one pass, the same numerics
-    as ``nn.BatchNorm``). Half inputs get float32 scratch buffers so the kernel
-    returns float32 statistics; momentum 0 leaves the scratch untouched. An
-    empty input has zero mean and variance (its count, 0, gives it no weight).
-    Not differentiable: the statistics' gradient is formed by ``functional``.
+    The variance is PyTorch's own statistics kernel's (the numerics of
+    ``nn.BatchNorm``). The mean of a float32 input is summed in float64: the
+    kernel computes it so but returns it rounded to float32, and Chan's merge
+    squares each part's distance to the whole batch's mean, where that rounding
+    (1e-3 at a mean of 3e4) would cost far more precision than one device loses.
+    Half inputs get float32 scratch buffers so the kernel returns float32
+    statistics; momentum 0 leaves the scratch untouched. An empty input has
+    zero mean and variance (its count, 0, gives it no weight). Not
+    differentiable: the statistics' gradient is formed by ``functional``.
     """
     channels = input.shape[1]
     input = input.detach()
     if input.numel() == 0:
         # An empty slice contributes nothing (and PyTorch's kernel rejects it).
-        zeros = torch.zeros(channels, dtype=accumulation_dtype(input.dtype), device=input.device)
+        zeros = torch.zeros(channels, dtype=torch.float32 if input.dtype in _REDUCED_PRECISION else torch.float64,
+                            device=input.device)
         return zeros, zeros
     if input.dtype in _REDUCED_PRECISION:
         scratch_mean = torch.zeros(channels, dtype=torch.float32, device=input.device)
         scratch_var = torch.ones(channels, dtype=torch.float32, device=input.device)
         return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
-    return torch.batch_norm_update_stats(input, None, None, 0.0)
+    mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
+    if input.dtype == torch.float32:
+        mean = input.sum(reduction_dims(input), dtype=torch.float64).div_(input.numel() // channels)
+        var = var.double()
+    return mean, var
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,12 +82,12 @@ def count_weights(counts: tuple[int, ...], device: torch.device, dtype: torch.dt
         return torch.tensor([n / total for n in counts], dtype=dtype, device=device).view(-1, 1, 1)
 
 
-def chan_merge(counts: tuple[int, ...], moments: Tensor, dtype: torch.dtype) -> Tensor:
-    """Chan's parallel merge of per-part moments into the whole batch's (2, C) (mean, biased var).
+def chan_merge(counts: tuple[int, ...], moments: Tensor) -> Tensor:
+    """Chan's parallel merge of per-part moments into the whole batch's (2, C) (mean, biased var), in float64.
 
     ``moments`` is (parts, 2, C): each part's mean and biased variance. The
-    merge runs in float64, so it adds no error of its own, and returns
-    ``dtype``. With weights w_i = n_i / N: ``mean = sum w_i mean_i`` and
+    merge runs in float64, so it adds no error of its own. With weights
+    w_i = n_i / N: ``mean = sum w_i mean_i`` and
     ``var = sum w_i var_i + sum w_i (mean_i - mean)^2``. No large sums are
     subtracted, so inputs with a large mean and a small spread keep their
     precision. The even split (equal counts, the usual case) is the same
@@ -93,7 +102,7 @@ def chan_merge(counts: tuple[int, ...], moments: Tensor, dtype: torch.dtype) -> 
         weights = count_weights(counts, moments.device, moments.dtype)
         merged = (moments * weights).sum(0)
         merged[1].add_(((moments[:, :1] - merged[0]).square_() * weights).sum(0)[0])
-    return merged.to(dtype)
+    return merged
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,

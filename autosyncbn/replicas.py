@@ -140,6 +140,8 @@ def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None
         for index, module in enumerate(_in_tree_order(root)):
             module.__dict__[SEAT] = (group, replica, index)
             buffers = module._buffers
+            if not isinstance(buffers, dict):  # a scripted module: TorchScript's own view of its buffers
+                buffers = {}
             if replica == 0:
                 for buffer in buffers.values():
                     first_buffers.add(id(buffer))
