@@ -20,6 +20,7 @@ import types
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import dispatch
 from .naming import record_name
@@ -177,9 +178,6 @@ def _synchronized_class(base: type) -> type:
     if cls is None:
         namespace: dict[str, Any] = {"__module__": __name__, "_autosyncbn_base": base,
                                      "__reduce_ex__": _reduce_synchronized}
-        becomes = getattr(base, "cls_to_become", None)
-        if isinstance(becomes, type):  # a lazy layer becomes the twin of what it would have become
-            namespace["cls_to_become"] = _TO_SYNCHRONIZED.get(becomes) or _synchronized_class(becomes)
         cls = type(f"Synchronized{base.__name__}", (_SynchronizedBatchNormMixin, base), namespace)
         _SYNCHRONIZED_SUBCLASSES[base] = cls
     return cls
@@ -280,6 +278,12 @@ def _convert(module: M, process_group: Any) -> M:
     if isinstance(module, nn.DataParallel):
         inner = _convert(module.module, process_group)
         return _data_parallel_as(module, DataParallelWithCallback, inner)  # type: ignore[return-value]
+    if isinstance(module, LazyModuleMixin) and isinstance(module.cls_to_become, type):
+        # An uninitialized lazy layer: it becomes the synchronized twin of what it would have become.
+        becomes = module.cls_to_become
+        module.cls_to_become = _TO_SYNCHRONIZED.get(becomes) or _synchronized_class(becomes)
+        module.process_group = process_group
+        return module
     target = _TO_SYNCHRONIZED.get(type(module))
     if target is None and isinstance(module, _BatchNorm) and not is_synchronized_class(module):
         target = _synchronized_class(type(module))
@@ -302,6 +306,9 @@ def revert_model(module: M) -> M:
     _require_module(module, "revert_model")
     if isinstance(module, DataParallelWithCallback):
         return _data_parallel_as(module, nn.DataParallel, revert_model(module.module))  # type: ignore[return-value]
+    if isinstance(module, LazyModuleMixin):
+        module.__dict__.pop("cls_to_become", None)  # what convert_model set
+        module.__dict__.pop("process_group", None)
     target = _TO_PLAIN.get(type(module)) or getattr(type(module), "_autosyncbn_base", None)
     reverted = _rebuild(module, target) if target is not None else module  # type: ignore[arg-type]
     _convert_children(reverted, revert_model)
