@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from typing import Any, Callable, Optional
 
 from torch import Tensor
@@ -34,7 +35,7 @@ Contribution = "tuple[int, int, int, tuple[Tensor, Tensor], Tensor, Optional[Ten
 
 
 class _Slot:
-    __slots__ = ("contributions", "arrived", "ready", "opened", "results", "error", "created")
+    __slots__ = ("contributions", "arrived", "waiting", "opened", "results", "error", "created")
 
 
 def _describe(error: BaseException) -> str:
@@ -91,12 +92,11 @@ class ReplicaGroup:
             if self.done[replica]:
                 return
             self.done[replica], self.errors[replica] = True, error
-            for slot in self._slots.values():
-                if slot.contributions[replica] is None and not slot.opened:
-                    slot.opened = True
-                    slot.ready.release()
+            opened = [slot for slot in self._slots.values() if slot.contributions[replica] is None]
             self._unfinished -= 1
             last = self._unfinished == 0
+        for slot in opened:
+            self._open(slot)
         if last:
             self.on_finished()
 
@@ -110,6 +110,7 @@ class ReplicaGroup:
     # -- one synchronized call -------------------------------------------------------
     def meet(self, replica: int, call: int, contribution: Contribution) -> "tuple[LayerCall, tuple[Tensor, ...]]":
         """Deposit replica ``replica``'s call number ``call``; return the merged call and every output."""
+        wake = None
         with self._lock:
             slot = self._slots.get(call)
             if slot is None:
@@ -119,26 +120,35 @@ class ReplicaGroup:
             last = slot.arrived == self.num_replicas
             if last:
                 del self._slots[call]
+            elif not slot.opened:  # wait on a lock of our own, released once the slot opens
+                wake = _allocate_lock()
+                wake.acquire()
+                slot.waiting.append(wake)
         if last:
             self._complete(call, slot)
-            slot.ready.release()
-        else:
-            # The lock is a baton: whoever holds it passes it on to the next waiter.
-            while not slot.ready.acquire(True, POLL_SECONDS):
+            self._open(slot)
+        elif wake is not None:
+            while not wake.acquire(True, POLL_SECONDS):
                 self._raise_if_stuck(replica, call, slot)
-            slot.ready.release()
-            if slot.results is None and slot.error is None:  # woken because a peer ended: it never comes
-                self._raise_if_stuck(replica, call, slot)
+        if slot.results is None and slot.error is None:  # opened because a peer ended: it never comes
+            self._raise_if_stuck(replica, call, slot)
         if slot.error is not None:
             raise slot.error(replica)
         return slot.results  # type: ignore[return-value]
+
+    def _open(self, slot: _Slot) -> None:
+        """Wake every replica waiting at ``slot``, each at once (no hand-over from one to the next)."""
+        with self._lock:
+            slot.opened = True
+            waiting, slot.waiting = slot.waiting, []
+        for wake in waiting:
+            wake.release()
 
     def _new_slot(self) -> _Slot:
         slot = _Slot()
         slot.contributions = [None] * self.num_replicas
         slot.arrived = 0
-        slot.ready = threading.Lock()
-        slot.ready.acquire()
+        slot.waiting = []
         slot.opened = False
         slot.results = slot.error = None
         slot.created = time.monotonic()
