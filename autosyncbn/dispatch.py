@@ -212,7 +212,7 @@ def _in_replica(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.
                              layer_call.total, float(momentum))
     if report.OPEN:
         _record(args, owner, route, group, replica, layer)
-    return outputs[replica]
+    return functional.normalize_part(layer_call, outputs[replica], input, weight, bias)
 
 
 def _without_seat(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.Module]) -> Tensor:
@@ -257,7 +257,8 @@ def _over_processes(args: tuple, owner: Optional[nn.Module], group: Any) -> Tens
     if layer_call.total > 0:  # an empty whole batch leaves them, as PyTorch does
         update_running_stats(running_mean, running_var, layer_call.merged[0], layer_call.merged[1],
                              layer_call.total, float(momentum))
-    return functional.normalize(layer_call, (input,), (weight,), (bias,))[0]
+    output, = functional.normalize(layer_call, (input,), (weight,), (bias,))
+    return functional.normalize_part(layer_call, output, input, weight, bias)
 
 
 def _raise_one_value(call: functional.LayerCall, input: Tensor) -> None:

@@ -107,7 +107,9 @@ class _SynchronizedNormalization(torch.autograd.Function):
 
     Inputs: the :class:`LayerCall`, the number of parts P, then x_1..x_P,
     weight_1..weight_P, bias_1..bias_P (DataParallel gives every replica its
-    own copy of the parameters). Saves the inputs and weights.
+    own copy of the parameters). Saves the inputs and weights. The outputs it
+    makes are empty: each part fills its own with :func:`normalize_part`, so
+    replica threads run their normalization kernels side by side.
     """
 
     @staticmethod
@@ -116,19 +118,7 @@ class _SynchronizedNormalization(torch.autograd.Function):
         ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in tensors[2 * parts:]]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors[:2 * parts])
-        outputs = []
-        dtype, home = call.mean.dtype, call.mean.device
-        for input, weight, bias in zip(tensors[:parts], tensors[parts:2 * parts], tensors[2 * parts:]):
-            # PyTorch's eval kernel: float32 weight and bias with a half input's float32 statistics.
-            if weight is not None and weight.dtype != dtype:
-                weight = weight.to(dtype)
-            if bias is not None and bias.dtype != dtype:
-                bias = bias.to(dtype)
-            mean, var = call.mean, call.kernel_var
-            if input.device != home:  # type: ignore[union-attr]
-                mean, var = mean.to(input.device), var.to(input.device)  # type: ignore[union-attr]
-            outputs.append(torch.native_batch_norm(input, weight, bias, mean, var, False, 0.0, call.kernel_eps)[0])
-        return tuple(outputs)
+        return tuple(torch.empty_like(input) for input in tensors[:parts])  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
@@ -150,14 +140,37 @@ which synchronized calls refuse (dispatch raises a clear error under them)."""
 
 def normalize(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
               biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, ...]:
-    """Every local part normalized with ``call``'s statistics, as one autograd node."""
+    """Every local part's output, made by one autograd node, still to be filled by :func:`normalize_part`."""
     return _apply_normalization(call, len(inputs), *inputs, *weights, *biases)
+
+
+def normalize_part(call: LayerCall, output: Tensor, input: Tensor, weight: Optional[Tensor],
+                   bias: Optional[Tensor]) -> Tensor:
+    """Fill one part's ``output`` (made by :func:`normalize`) with PyTorch's eval kernel: ``input``
+    normalized with the merged statistics. The values only: autograd's record is the node's."""
+    dtype = call.mean.dtype
+    # PyTorch's kernel: float32 weight and bias with a half input's float32 statistics.
+    if weight is not None:
+        weight = weight.detach() if weight.dtype == dtype else weight.detach().to(dtype)
+    if bias is not None:
+        bias = bias.detach() if bias.dtype == dtype else bias.detach().to(dtype)
+    mean, var = call.mean, call.kernel_var
+    if input.device != mean.device:
+        mean, var = mean.to(input.device), var.to(input.device)
+    unused = mean.new_empty(0)
+    _NORMALIZE_INTO(input.detach(), weight, bias, mean, var, False, 0.0, call.kernel_eps, out=output.detach(),
+                    save_mean=unused, save_invstd=unused)
+    return output
+
+
+_NORMALIZE_INTO = torch.ops.aten.native_batch_norm.out._op
+"""PyTorch's batch-norm kernel writing into a given tensor (eval mode: with given statistics)."""
 
 
 def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"], eps: float,
                 inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]], biases: Sequence[Optional[Tensor]]
                 ) -> tuple[LayerCall, tuple[Tensor, ...]]:
-    """Every part lives in this process (DataParallel replica threads): merge here, normalize all."""
+    """Every part lives in this process (DataParallel replica threads): merge here, make every part's output."""
     device = moments[0][0].device
     values = []
     for pair in moments:  # on the first part's device (DataParallel's GPUs: every device's own)
@@ -170,7 +183,7 @@ def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"
 def merge_over(transport: MomentsTransport, input: Tensor, count: int, moments: "tuple[Tensor, Tensor]",
                eps: float) -> LayerCall:
     """This process's one part, its peers other processes reached through ``transport``: the whole
-    batch's statistics (normalize with :func:`normalize`)."""
+    batch's statistics (then :func:`normalize` and :func:`normalize_part`)."""
     counts, gathered = transport.gather(count, *moments)
     return LayerCall(chan_merge(tuple(counts), gathered), sum(counts), eps, accumulation_dtype(input.dtype), transport)
 

@@ -125,8 +125,16 @@ class ReplicaGroup:
                 wake.acquire()
                 slot.waiting.append(wake)
         if last:
-            self._complete(call, slot)
-            self._open(slot)
+            try:
+                self._complete(call, slot)
+            except BaseException as error:  # the peers must hear of it, not wait for their deadline
+                merger, failure = replica, _describe(error)
+                slot.error = lambda peer: PeerFailedError(
+                    f"replica {peer} was waiting at BatchNorm call {call}, but replica {merger} failed while "
+                    f"merging it: {failure}")
+                raise
+            finally:
+                self._open(slot)
         elif wake is not None:
             while not wake.acquire(True, POLL_SECONDS):
                 self._raise_if_stuck(replica, call, slot)

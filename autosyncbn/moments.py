@@ -42,14 +42,20 @@ def values_per_channel(input: Tensor) -> int:
     return input.numel() // channels if channels else 0
 
 
+WIDE_MEAN = 4.0
+"""Channels whose mean exceeds this many standard deviations get a float64 mean (see local_moments)."""
+
+
 def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased variance) of ``input``: float64 for float32 and float64 inputs.
 
     The variance is PyTorch's own statistics kernel's (the numerics of
-    ``nn.BatchNorm``). The mean of a float32 input is summed in float64: the
-    kernel computes it so but returns it rounded to float32, and Chan's merge
-    squares each part's distance to the whole batch's mean, where that rounding
-    (1e-3 at a mean of 3e4) would cost far more precision than one device loses.
+    ``nn.BatchNorm``). The kernel sums a float32 input's mean in float64 but
+    returns it rounded to float32, and Chan's merge squares each part's
+    distance to the whole batch's mean: where the mean is more than
+    ``WIDE_MEAN`` standard deviations from 0, that rounding (1e-3 at a mean of
+    3e4) would cost more precision than one device loses, so the mean is summed
+    again in float64 (one more pass).
     Half inputs get float32 scratch buffers so the kernel returns float32
     statistics; momentum 0 leaves the scratch untouched. An empty input has
     zero mean and variance (its count, 0, gives it no weight). Not
@@ -68,8 +74,11 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
         return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
     mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
     if input.dtype == torch.float32:
-        mean = input.sum(reduction_dims(input), dtype=torch.float64).div_(input.numel() // channels)
-        var = var.double()
+        # Only where the mean is large against the spread does its rounding matter; on a GPU
+        # the extra pass is cheap, and testing first would make the host wait for the device.
+        if input.is_cuda or bool((mean.abs() > WIDE_MEAN * var.sqrt()).any()):
+            mean = input.sum(reduction_dims(input), dtype=torch.float64).div_(input.numel() // channels)
+        return mean.double(), var.double()
     return mean, var
 
 

@@ -1,32 +1,28 @@
 """Where the time of one synchronized BatchNorm call goes (one thread, no waiting).
 
-Per call, forward + backward, on one replica's slice of the "small" size of
-bench_sync_cost.py (4 x 16 x 32 x 32):
+Per call, on one replica's slice of the "small" size of bench_sync_cost.py
+(4 x 16 x 32 x 32), in microseconds:
 
-- ``nn.BatchNorm``: PyTorch's fused training kernels;
-- ``autosyncbn, one part``: autosyncbn's path for one slice merged with no
-  peers (local moments, a merge of one, the merge node, ``_Normalize``);
-- ``merge of 4``: what the last replica to arrive does for a layer call of
-  4 replicas while the others wait (the Chan merge and the merge node);
-- ``decision``: finding the owning module and deciding the route.
+- ``nn.BatchNorm, fwd+bwd``: PyTorch's fused training kernels;
+- ``autosyncbn, one part, fwd+bwd``: this slice's moments, a merge of one and
+  the layer call's node (normalization, then its backward);
+- ``part's moments``: what each replica does before the meeting (PyTorch's
+  statistics kernel and a float64 sum for the mean);
+- ``merge of 4 parts``: what the last replica to arrive does for a layer call
+  of 4 replicas while the others wait (Chan's merge and the layer call's
+  node); each replica then fills its own output (``then one part filled``).
 
-The gap between the first two, times 4 replicas, plus the merge, is what a
-synchronized step adds per layer call on top of the meeting itself (the
-floor in bench_sync_cost.py). In 4 contending replica threads each small op
-and each Python step costs several times its single-thread figure here.
-Prints microseconds; writes results/profile.json.
+The counts beside these times are in count_calls.py. Writes results/profile.json.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
 
-from autosyncbn import dispatch, functional
-from autosyncbn.context import ReplicaContext, ReplicaPlan, entered
-from autosyncbn.group import ReplicaGroup
+from autosyncbn import functional
 from autosyncbn.moments import local_moments
 from common import write_json
 
@@ -43,38 +39,35 @@ def per_call_us(run: Callable[[], None], repeats: int = 300) -> float:
 def main() -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.randn(4, 16, 32, 32, requires_grad=True)
-    grad = torch.randn_like(x)
     layer = nn.BatchNorm2d(16)
     parts = [torch.randn(4, 16, 32, 32, requires_grad=True) for _ in range(4)]
+    grad = torch.randn_like(parts[0])
     moments = [local_moments(part) for part in parts]
+    count = parts[0].numel() // 16
 
     def pytorch() -> None:
-        layer(x).backward(grad)
+        layer(parts[0]).backward(grad)
 
-    def alone(input: torch.Tensor, weight: Optional[torch.Tensor], count: int,
-              moments: tuple[torch.Tensor, torch.Tensor], eps: float) -> functional.Share:
-        """An exchange with no peers: this slice merged alone."""
-        return functional.merge_parts([count], [moments], [input], [weight], eps)[0]
+    def one_part() -> None:
+        call, (out,) = functional.merge_parts([count], [local_moments(parts[0])], 1e-5, parts[:1], [layer.weight],
+                                              [layer.bias])
+        functional.normalize_part(call, out, parts[0], layer.weight, layer.bias).backward(grad)
 
-    def ours() -> None:
-        out, _ = functional.sync_batch_norm(x, layer.weight, layer.bias, 1e-5, alone)
-        out.backward(grad)
+    def merge_of_four() -> None:
+        functional.merge_parts([count] * 4, moments, 1e-5, parts, [layer.weight] * 4, [layer.bias] * 4)
 
-    def merge() -> None:
-        functional.merge_parts([4096] * 4, moments, parts, [layer.weight] * 4, 1e-5)
+    def normalize_one_part() -> None:
+        call, outputs = functional.merge_parts([count] * 4, moments, 1e-5, parts, [layer.weight] * 4,
+                                               [layer.bias] * 4)
+        functional.normalize_part(call, outputs[0], parts[0], layer.weight, layer.bias)
 
-    context = ReplicaContext(ReplicaGroup(4, 10.0), 0, layer, ReplicaPlan(10.0, include_plain=True))
-
-    def decision() -> None:
-        with entered(context):
-            dispatch.decide(x, layer, False, None, context, None)
-
-    figures = {"nn.BatchNorm": per_call_us(pytorch), "autosyncbn, one part": per_call_us(ours),
-               "merge of 4": per_call_us(merge), "decision": per_call_us(decision)}
-    print("one synchronized BatchNorm call, forward + backward, one thread (us):")
+    figures = {"nn.BatchNorm, fwd+bwd": per_call_us(pytorch), "autosyncbn, one part, fwd+bwd": per_call_us(one_part),
+               "part's moments": per_call_us(lambda: local_moments(parts[0])),
+               "merge of 4 parts (the node)": per_call_us(merge_of_four),
+               "the same, then one part filled": per_call_us(normalize_one_part)}
+    print("one synchronized BatchNorm call, one thread (us):")
     for name, value in figures.items():
-        print(f"  {name:<22} {value:8.1f}")
+        print(f"  {name:<32} {value:8.1f}")
     write_json("profile", {"per_call_us": figures})
     return figures
 
