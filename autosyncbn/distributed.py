@@ -2,14 +2,14 @@
 
 Works on every backend PyTorch's collectives support: gloo on CPU (where
 ``torch.nn.SyncBatchNorm`` refuses to run) and NCCL on GPU. The merge and the
-gradient are ``functional.merge_over`` and ``functional._MergeStatistics``;
+backward are ``functional.merge_over`` and ``functional._SynchronizedNormalization``;
 this module only moves values and checks that ranks agree.
 
 Every synchronized call starts with one all-gather of a fixed-size float64 record per rank:
 a header (direction, call number, channel count, value count, layer
 fingerprint) and up to 512 channels of two per-channel vectors, zero-padded.
-Forward sends the rank's (mean, var); backward sends the gradients of the
-merged (mean, var), summed locally after the gather. Because every record has
+Forward sends the rank's (mean, var); backward sends the rank's per-channel
+sums (sum dy, sum dy * xhat), summed locally after the gather. Because every record has
 the same size and says what it is, ranks that fall out of step (one skipped a
 backward, ran another layer, or another number of calls) all raise the same
 clear error instead of mixing statistics or aborting inside gloo. Layers

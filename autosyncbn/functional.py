@@ -1,10 +1,10 @@
 """Synchronized batch normalization: one autograd Function, one backward formula, any transport.
 
 One layer call in this process normalizes every part of the batch that
-lives here (DataParallel: every replica's slice, in the thread of the last
-replica to arrive; a process: its own slice) with the whole batch's
-statistics, merged beforehand from every part's moments (``moments.chan_merge``;
-other processes' come through a transport). It is one autograd node,
+lives here (DataParallel: every replica's slice; a process: its own slice)
+with the whole batch's statistics, merged beforehand from every part's
+moments (``moments.chan_merge``; other processes' come through a transport).
+The last replica to arrive merges and makes the call's one autograd node,
 :class:`_SynchronizedNormalization`, whose backward is the one formula of
 synchronized BatchNorm (PyTorch's ``SyncBatchNorm`` has the same)::
 
@@ -12,9 +12,11 @@ synchronized BatchNorm (PyTorch's ``SyncBatchNorm`` has the same)::
     over every part:      added here, then over the transport (processes)
     dx = weight * invstd * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
 
-So a layer call saves each part's input once, plus per-channel vectors,
-what ``nn.BatchNorm`` saves, and nothing in backward waits for a peer (on
-CPU autograd runs every replica's backward in one thread). With
+and each part then fills its own output (:func:`normalize_part`), so the
+kernels run side by side. A layer call saves each part's input once, plus
+per-channel vectors, what ``nn.BatchNorm`` saves. Between replica threads
+nothing in backward waits for a peer (on CPU autograd runs every replica's
+backward in one thread); between processes the sums cross in one collective. With
 ``create_graph=True`` the same formula runs on differentiable ops, with the
 statistics recomputed from every part's input (threads), so double backward
 (gradient penalties) matches one device.
@@ -27,10 +29,7 @@ import torch
 from torch import Tensor
 
 from .eps_mode import get_sbn_eps_mode
-from .moments import accumulation_dtype, chan_merge, channel_view_shape, reduction_dims
-
-_HALF_TYPES = (torch.float16, torch.bfloat16)
-
+from .moments import HALF_TYPES, accumulation_dtype, chan_merge, channel_view_shape, reduction_dims
 
 class MomentsTransport(Protocol):
     """How per-part moments and backward sums travel between processes (one per layer call)."""
@@ -64,7 +63,7 @@ def check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: 
                 f"Expected all tensors to be on the same device, but found {name} on "
                 f"{tensor.device} and input on {input.device}"
             )
-        if tensor.dtype != input.dtype and not (input.dtype in _HALF_TYPES and tensor.dtype == torch.float32):
+        if tensor.dtype != input.dtype and not (input.dtype in HALF_TYPES and tensor.dtype == torch.float32):
             raise RuntimeError(
                 f"mixed dtype: {name} is {tensor.dtype} but the input is {input.dtype}; "
                 f"PyTorch's BatchNorm needs them to match (float32 statistics are allowed "
@@ -267,8 +266,7 @@ def _part_sums(call: LayerCall, input: Tensor, grad: Tensor, mean: Tensor, invst
     """
     device = input.device
     if input.numel() == 0:  # an empty part adds nothing (PyTorch's kernel rejects it)
-        zeros = torch.zeros_like(mean, device=device)
-        return zeros, zeros
+        return torch.zeros_like(mean, device=device), torch.zeros_like(mean, device=device)
     if not differentiable:
         var = call.kernel_var
         if device != mean.device:

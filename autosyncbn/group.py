@@ -1,11 +1,12 @@
-"""The meeting point of the N replicas of one DataParallel forward (threads; moves values only).
+"""The meeting point of the N replica threads of one DataParallel forward.
 
 ``replicas.py`` makes one :class:`ReplicaGroup` per forward, at ``replicate``.
 The i-th synchronized call of every replica meets in slot i; the last
 replica to arrive checks that all agree (same layer, same channel count),
-merges and normalizes for all (``functional.merge_parts``), and hands each
-replica its output. Waiting is a plain lock per slot, so a replica that
-arrives in time makes no Python call while it waits.
+merges for all and makes the call's autograd node (``functional.merge_parts``;
+the math lives there), and every replica takes its share. Each waiting
+replica waits on a plain lock of its own, so it makes no Python call while it
+waits.
 
 Nothing waits forever: a waiting replica wakes when a peer raises, when a
 peer finishes its forward without reaching this call, when a peer has not
@@ -135,11 +136,14 @@ class ReplicaGroup:
                 raise
             finally:
                 self._open(slot)
-        elif wake is not None:
-            while not wake.acquire(True, POLL_SECONDS):
-                self._raise_if_stuck(replica, call, slot)
-        if slot.results is None and slot.error is None:  # opened because a peer ended: it never comes
-            self._raise_if_stuck(replica, call, slot)
+        else:
+            since = time.monotonic()
+            if wake is not None and self._unfinished < self.num_replicas:
+                self._raise_if_stuck(replica, call, slot, since)  # a peer ended before this call was made
+            while wake is not None and not wake.acquire(True, POLL_SECONDS):
+                self._raise_if_stuck(replica, call, slot, since)
+            if slot.results is None and slot.error is None:  # opened because a peer ended: it never comes
+                self._raise_if_stuck(replica, call, slot, since)
         if slot.error is not None:
             raise slot.error(replica)
         return slot.results  # type: ignore[return-value]
@@ -163,7 +167,7 @@ class ReplicaGroup:
         return slot
 
     def _complete(self, call: int, slot: _Slot) -> None:
-        """The last replica to arrive: check that all agree, then merge and normalize for all."""
+        """The last replica to arrive: check that all agree, then merge for all."""
         layers, channels, counts, moments, inputs, weights, biases, eps = zip(*slot.contributions)
         if len(set(layers)) > 1 or len(set(channels)) > 1:
             detail = ", ".join(f"replica {i}: '{self.layer_name(layer)}' with {width} channels"
@@ -179,10 +183,11 @@ class ReplicaGroup:
                       f"failed: {_describe(error)}")
             slot.error = lambda replica: SyncBatchNormError(f"in replica {replica}: {detail}")
 
-    def _raise_if_stuck(self, replica: int, call: int, slot: _Slot) -> None:
-        """Raise when the call cannot complete: a peer failed, finished, never started, or the deadline passed."""
+    def _raise_if_stuck(self, replica: int, call: int, slot: _Slot, since: float) -> None:
+        """Raise when the call cannot complete: a peer failed, finished, never started, or this
+        replica's deadline (``timeout`` after it arrived, at ``since``) passed."""
         layer = self.layer_name(slot.contributions[replica][0])
-        waited = time.monotonic() - slot.created
+        waited = time.monotonic() - since
         missing = [i for i, c in enumerate(slot.contributions) if c is None]
         for peer in missing:
             error = self.errors[peer]
@@ -198,9 +203,10 @@ class ReplicaGroup:
                     f"call {call} (layer '{layer}'), but replica {peer} finished its forward after "
                     f"{self.calls[peer]} call(s). Every replica must run the same BatchNorm layers in the same order.")
         not_started = [i for i in missing if not self.started[i]]
-        if not_started and waited > min(self.timeout, START_GRACE_SECONDS):
+        open_for = time.monotonic() - slot.created
+        if not_started and open_for > min(self.timeout, START_GRACE_SECONDS):
             raise SyncBatchNormError(
-                f"replica {replica} waited {waited:.0f}s at BatchNorm call {call} (layer '{layer}'), but "
+                f"BatchNorm call {call} (layer '{layer}') has waited {open_for:.0f}s in replica {replica}, but "
                 f"replicas {not_started} never started their forward: synchronized replicas must run side "
                 f"by side, one thread each (as torch.nn.parallel.parallel_apply runs them), not one after another, "
                 f"and be called as modules (replica(x), not replica.forward(x), which skips the hooks that "

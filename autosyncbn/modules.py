@@ -4,15 +4,15 @@
 The classes are subclasses of ``nn.BatchNorm1d/2d/3d`` (``SynchronizedBatchNorm``,
 what ``nn.SyncBatchNorm`` converts to, takes any input rank), so ``isinstance``
 checks, weight-init loops and ``state_dict`` keys keep working. Their forward
-is ``_BatchNorm.forward``'s, with the statistics call handed to
-``dispatch.batch_norm`` as one of autosyncbn's own layers: outside a
+is ``_BatchNorm.forward`` itself, with its ``F.batch_norm`` resolved to
+``dispatch.explicit_batch_norm``: outside a
 synchronized context it *is* PyTorch's BatchNorm, bit for bit. Under
 ``torch.jit.script`` the forward is PyTorch's own (synchronization needs
 Python), so a converted model scripts as the plain one does.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import inspect
 import types

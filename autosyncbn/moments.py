@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+HALF_TYPES = (torch.float16, torch.bfloat16)
+"""Inputs whose statistics are accumulated in float32."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,12 +35,6 @@ def reduction_dims(input: Tensor) -> list[int]:
 def as_dtype(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``tensor`` in ``dtype``; no cast call when it already is (None stays None)."""
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
-
-
-def values_per_channel(input: Tensor) -> int:
-    """How many values each channel of ``input`` holds: N * prod(spatial)."""
-    channels = input.shape[1]
-    return input.numel() // channels if channels else 0
 
 
 WIDE_MEAN = 4.0
@@ -65,10 +60,10 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     input = input.detach()
     if input.numel() == 0:
         # An empty slice contributes nothing (and PyTorch's kernel rejects it).
-        zeros = torch.zeros(channels, dtype=torch.float32 if input.dtype in _REDUCED_PRECISION else torch.float64,
+        zeros = torch.zeros(channels, dtype=torch.float32 if input.dtype in HALF_TYPES else torch.float64,
                             device=input.device)
         return zeros, zeros
-    if input.dtype in _REDUCED_PRECISION:
+    if input.dtype in HALF_TYPES:
         scratch_mean = torch.zeros(channels, dtype=torch.float32, device=input.device)
         scratch_var = torch.ones(channels, dtype=torch.float32, device=input.device)
         return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)

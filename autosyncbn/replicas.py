@@ -5,9 +5,9 @@ wrapped on an instance by ``patch_replication_callback``) makes the replicas
 in the caller's thread, before any of them runs: the one moment that sees
 all of them. :func:`register` then, in one walk over each replica's modules:
 
-1. gives every module a *seat*, ``module.__dict__[SEAT] = (replica, j)``:
-   the replica it belongs to and its position j in the module tree (the same
-   j in every replica). A BatchNorm call finds its replica from the module
+1. gives every module a *seat*, ``module.__dict__[SEAT] = (group, replica, j)``:
+   the forward's group, the replica it belongs to and its position j in the
+   module tree (the same j in every replica). A BatchNorm call finds its replica from the module
    that makes it, so a replica synchronizes whoever runs it: PyTorch's
    ``parallel_apply``, a subclass's own threads, a test harness;
 2. calls the classic replication callbacks (``__data_parallel_replicate__``),
@@ -83,6 +83,7 @@ def plan_of(options: Optional[settings.Options]) -> Optional[ReplicaPlan]:
 
 
 _live = [0]  # forwards registered and not yet ended
+_live_lock = threading.Lock()
 
 
 def live_groups() -> int:
@@ -123,8 +124,12 @@ def _names_of(root: "weakref.ref[nn.Module]") -> Callable[[], list]:
 
 def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None:
     """Seat every replica's modules in one new group for this forward (see the module docstring)."""
-    if plan is None or not replicas or _registered(replicas):
-        return  # nothing asked for, or registered already (DataParallel.replicate calls replicate())
+    if plan is None or not replicas:
+        return
+    if _registered(replicas):  # DataParallel.replicate calls replicate(): registered by the inner hook
+        if not plan.include_plain:  # an explicit DataParallel's own timeout is the more specific one
+            replicas[0].__dict__[SEAT][0].timeout = plan.timeout
+        return
     outer = running_replica()
     if outer is not None and outer[0].num_replicas > 1:
         raise SyncBatchNormError(
@@ -133,7 +138,8 @@ def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None
     group = ReplicaGroup(len(replicas), plan.timeout, plan, _names_of(weakref.ref(replicas[0])))
     group.autocast = _autocast_state()
     group.on_finished = weakref.finalize(group, _forward_ended, settings.hold_patches())
-    _live[0] += 1
+    with _live_lock:
+        _live[0] += 1
     contexts: dict[int, CallbackContext] = {}
     first_buffers: set[int] = set()
     for replica, root in enumerate(replicas):
@@ -168,7 +174,8 @@ def _registered(replicas: Sequence[nn.Module]) -> bool:
 
 def _forward_ended(release_patches: Callable[[], None]) -> None:
     """At the last replica's end, or when the replicas are gone without running."""
-    _live[0] -= 1
+    with _live_lock:
+        _live[0] -= 1
     release_patches()
 
 

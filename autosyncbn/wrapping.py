@@ -21,7 +21,6 @@ instrumentors and wrapt's own guide advise:
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import threading
 from typing import Any, Callable, Iterable, Optional
@@ -107,15 +106,6 @@ class Patch:
         if self.replacement is not None:
             return self.current() is self._installed
         return any(link is self._installed for link in _chain(self.current()))
-
-    def underlying(self) -> Any:
-        """What runs below our wrapper: the attribute itself when we are not in its chain."""
-        installed = self._installed
-        if installed is not None and self.replacement is None and self.active:
-            # The usual case first (ours is the attribute): no walk down the chain.
-            if vars(self.owner).get(self.attribute) is installed or self.is_live():
-                return installed.__wrapped__
-        return self.current()
 
     # -- apply / restore ---------------------------------------------------------
     def apply(self) -> None:

@@ -341,3 +341,23 @@ def test_explicit_classes_show_pytorchs_arguments():
 
     shown = inspect.signature(autosyncbn.SynchronizedBatchNorm2d).parameters
     assert {"num_features", "eps", "momentum", "affine", "track_running_stats", "bias", "process_group"} <= set(shown)
+
+
+class SlowReplica(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        if x.shape[0] == 1:  # the last, smallest slice
+            import time
+
+            time.sleep(2.0)
+        return self.bn(x)
+
+
+def test_an_explicit_data_parallels_own_timeout_holds_under_install(installed):
+    # Under install() the patched replicate registers first; the explicit timeout is still the one used.
+    parallel = EmulatedDataParallelWithCallback(autosyncbn.convert_model(SlowReplica()), 3, timeout=0.5)
+    with pytest.raises(autosyncbn.SyncTimeoutError, match=r"waited 0.5s"):
+        parallel(torch.randn(5, 3))
