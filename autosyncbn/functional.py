@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .eps_mode import get_sbn_eps_mode
-from .moments import HALF_TYPES, accumulation_dtype, chan_merge, channel_view_shape, reduction_dims
+from .moments import (HALF_TYPES, accumulation_dtype, chan_merge, channel_view_shape, reduction_dims,
+                      with_precise_means)
 
 class MomentsTransport(Protocol):
     """How per-part moments and backward sums travel between processes (one per layer call)."""
@@ -174,7 +175,7 @@ def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"
     values = []
     for pair in moments:  # on the first part's device (DataParallel's GPUs: every device's own)
         values.extend(pair if pair[0].device == device else (v.to(device) for v in pair))
-    stacked = torch.stack(values).view(len(moments), 2, -1)
+    stacked = with_precise_means(torch.stack(values).view(len(moments), 2, -1), inputs)
     call = LayerCall(chan_merge(tuple(counts), stacked), sum(counts), eps, accumulation_dtype(inputs[0].dtype))
     return call, normalize(call, inputs, weights, biases)
 
@@ -183,7 +184,8 @@ def merge_over(transport: MomentsTransport, input: Tensor, count: int, moments: 
                eps: float) -> LayerCall:
     """This process's one part, its peers other processes reached through ``transport``: the whole
     batch's statistics (then :func:`normalize` and :func:`normalize_part`)."""
-    counts, gathered = transport.gather(count, *moments)
+    local = with_precise_means(torch.stack(moments).unsqueeze(0), (input,))[0]
+    counts, gathered = transport.gather(count, local[0], local[1])
     return LayerCall(chan_merge(tuple(counts), gathered), sum(counts), eps, accumulation_dtype(input.dtype), transport)
 
 

@@ -6,7 +6,7 @@ threads, process groups) shares one definition of "the statistics".
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -37,21 +37,11 @@ def as_dtype(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
-WIDE_MEAN = 4.0
-"""Channels whose mean exceeds this many standard deviations get a float64 mean (see local_moments)."""
-
-
 def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, biased variance) of ``input``: float64 for float32 and float64 inputs.
+    """Per-channel (mean, biased variance) of ``input``, in the accumulation dtype.
 
-    The variance is PyTorch's own statistics kernel's (the numerics of
-    ``nn.BatchNorm``). The kernel sums a float32 input's mean in float64 but
-    returns it rounded to float32, and Chan's merge squares each part's
-    distance to the whole batch's mean: where the mean is more than
-    ``WIDE_MEAN`` standard deviations from 0, that rounding (1e-3 at a mean of
-    3e4) would cost more precision than one device loses, so the mean is summed
-    again in float64 (one more pass).
-    Half inputs get float32 scratch buffers so the kernel returns float32
+    PyTorch's own statistics kernel (the numerics of ``nn.BatchNorm``). Half
+    inputs get float32 scratch buffers so the kernel returns float32
     statistics; momentum 0 leaves the scratch untouched. An empty input has
     zero mean and variance (its count, 0, gives it no weight). Not
     differentiable: the statistics' gradient is formed by ``functional``.
@@ -60,21 +50,43 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     input = input.detach()
     if input.numel() == 0:
         # An empty slice contributes nothing (and PyTorch's kernel rejects it).
-        zeros = torch.zeros(channels, dtype=torch.float32 if input.dtype in HALF_TYPES else torch.float64,
-                            device=input.device)
+        zeros = torch.zeros(channels, dtype=accumulation_dtype(input.dtype), device=input.device)
         return zeros, zeros
     if input.dtype in HALF_TYPES:
         scratch_mean = torch.zeros(channels, dtype=torch.float32, device=input.device)
         scratch_var = torch.ones(channels, dtype=torch.float32, device=input.device)
         return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
-    mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
-    if input.dtype == torch.float32:
-        # Only where the mean is large against the spread does its rounding matter; on a GPU
-        # the extra pass is cheap, and testing first would make the host wait for the device.
-        if input.is_cuda or bool((mean.abs() > WIDE_MEAN * var.sqrt()).any()):
-            mean = input.sum(reduction_dims(input), dtype=torch.float64).div_(input.numel() // channels)
-        return mean.double(), var.double()
-    return mean, var
+    return torch.batch_norm_update_stats(input, None, None, 0.0)
+
+
+WIDE_MEAN = 4.0
+"""Channels whose mean exceeds this many standard deviations get float64 means (see with_precise_means)."""
+
+
+def with_precise_means(moments: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """The parts' (parts, 2, C) moments in float64, float32 parts' means summed again in float64 where needed.
+
+    PyTorch's kernel sums a float32 input's mean in float64 but returns it
+    rounded to float32, and Chan's merge squares each part's distance to the
+    whole batch's mean. Where a mean is more than ``WIDE_MEAN`` standard
+    deviations from 0, that rounding (1e-3 at a mean of 3e4) would cost more
+    precision than one device loses, so every part's mean is summed again in
+    float64 (one more pass each). On a GPU it always is: the pass is cheap
+    there, and testing first would make the host wait for the device. Tested
+    once per layer call, on every part's moments at once.
+    """
+    moments = moments.double()
+    first = inputs[0]
+    if first.dtype != torch.float32:
+        return moments
+    if not first.is_cuda and not bool((moments[:, 0].abs() > WIDE_MEAN * moments[:, 1].sqrt()).any()):
+        return moments
+    for part, input in enumerate(inputs):
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        if count:
+            mean = input.detach().sum(reduction_dims(input), dtype=torch.float64).div_(count)
+            moments[part, 0] = mean if mean.device == moments.device else mean.to(moments.device)
+    return moments
 
 
 @functools.lru_cache(maxsize=64)
