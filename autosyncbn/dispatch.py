@@ -170,10 +170,16 @@ def batch_norm(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwarg
     while frame.f_globals is _GLOBALS:  # explicit_batch_norm
         frame = frame.f_back
     owner = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == _SELF else None
-    seat = owner.__dict__.get(SEAT) if isinstance(owner, nn.Module) else None
-    if seat is None or type(args[0]) is not Tensor:
-        return _without_seat(wrapped, args, owner if isinstance(owner, nn.Module) else None)
-    return _in_replica(wrapped, args, owner, *seat)
+    if not isinstance(owner, nn.Module):
+        return _without_seat(wrapped, args, None)
+    seat = owner.__dict__.get(SEAT)
+    if seat is not None and type(args[0]) is Tensor:
+        return _in_replica(wrapped, args, owner, *seat)
+    if (seat is None and type(args[0]) is Tensor and settings.DISTRIBUTED is None and not report.OPEN
+            and getattr(replicas.RUNNING, "replica", None) is None and not owner.__dict__.get("_is_replica", False)
+            and not getattr(type(owner), EXPLICIT_ATTRIBUTE, False) and EXPLICIT_ATTRIBUTE not in owner.__dict__):
+        return wrapped(*args)  # outside every replica, nothing to synchronize with: PyTorch's own call
+    return _without_seat(wrapped, args, owner)
 
 
 def _in_replica(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.Module], group: ReplicaGroup,

@@ -56,7 +56,8 @@ EXPLICIT_ATTRIBUTE = "_autosyncbn_explicit"
 
 _HOOK = "autosyncbn"  # the key of our hooks in a replica root's own hook tables
 
-_local = threading.local()
+RUNNING = threading.local()
+"""``RUNNING.replica``: the (group, replica number) this thread runs, if any (see :func:`running_replica`)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def live_groups() -> int:
 
 def running_replica() -> "Optional[tuple[ReplicaGroup, int]]":
     """The (group, replica number) this thread is running, or None."""
-    return getattr(_local, "replica", None)
+    return getattr(RUNNING, "replica", None)
 
 
 class CallbackContext:
@@ -200,7 +201,7 @@ def _replica_started(root: nn.Module, args: Any) -> None:
     if group.depth[replica] > 1:
         return  # the root's forward calls the root again: one replica's forward still
     group.started[replica] = True
-    group.outer[replica], _local.replica = running_replica(), (group, replica)
+    group.outer[replica], RUNNING.replica = running_replica(), (group, replica)
     group.outer_errors[replica] = sys.exc_info()[1]  # an exception the caller is handling is not ours
     for device, dtype in group.autocast:
         context = torch.autocast(device, dtype=dtype)
@@ -217,7 +218,7 @@ def _replica_ended(root: nn.Module, args: Any, result: Any) -> None:
     entered = group.entered[replica]
     while entered:
         entered.pop().__exit__(None, None, None)
-    _local.replica, group.outer[replica] = group.outer[replica], None
+    RUNNING.replica, group.outer[replica] = group.outer[replica], None
     error = sys.exc_info()[1]
     group.replica_finished(replica, error if error is not group.outer_errors[replica] else None)
     group.outer_errors[replica] = None

@@ -74,15 +74,16 @@ _tokens = itertools.count()
 # Read without the lock (by every BatchNorm call, and by torch.compile's tracer):
 # rebuilt under the lock whenever the options change.
 _snapshot: tuple = (None, ())
-_distributed: Optional[Options] = None
+DISTRIBUTED: Optional[Options] = None
+"""Options that asked for process groups (``distributed=True``), if any do; read without the lock."""
 
 
 def _publish() -> None:
-    global _snapshot, _distributed
+    global _snapshot, DISTRIBUTED
     scopes = tuple(_scopes.values())
     _snapshot = (_installed, scopes)
     every = ([_installed] if _installed is not None else []) + [options for _, options in scopes]
-    _distributed = next((options for options in reversed(every) if options.distributed), None)
+    DISTRIBUTED = next((options for options in reversed(every) if options.distributed), None)
 
 
 def lock() -> threading.Condition:
@@ -105,7 +106,7 @@ def current() -> Optional[Options]:
 
 def distributed_anywhere() -> Optional[Options]:
     """Options that asked for process groups (``distributed=True``), if any do."""
-    return _distributed
+    return DISTRIBUTED
 
 
 def active() -> bool:
