@@ -27,6 +27,7 @@ statistics; any other is traced as PyTorch's own.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -237,9 +238,6 @@ def _without_seat(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[n
     running = replicas.running_replica()
     if running is not None:  # a module outside the replicated tree, or no module at all
         return _in_replica(wrapped, args, owner, *running, -1)
-    if (not settings.distributed_anywhere() and not report.recording() and owner is not None
-            and not owner.__dict__.get("_is_replica", False) and not _is_explicit(owner)):
-        return wrapped(*args)  # nothing to synchronize with
     route = decide(BatchNormCall(args, owner))
     if report.OPEN:
         _record(args, owner, route)
@@ -355,15 +353,10 @@ def _explicit_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_
     return batch_norm(_PLAIN_BATCH_NORM, None, args, {})
 
 
-_eager: list = []
-
-
+@functools.cache
 def _eagerly() -> Callable[..., Tensor]:
     """:func:`batch_norm` behind a graph break (made on first use: only compiling code needs it)."""
-    if not _eager:
-        _eager.append(torch.compiler.disable(lambda *args: batch_norm(_PLAIN_BATCH_NORM, None, args, {}),
-                                             recursive=True))
-    return _eager[0]
+    return torch.compiler.disable(lambda *args: batch_norm(_PLAIN_BATCH_NORM, None, args, {}), recursive=True)
 
 
 _GLOBALS = globals()

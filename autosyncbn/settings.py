@@ -67,7 +67,7 @@ class Options:
             raise ValueError("process_group is used only with distributed=True; pass both, or neither")
 
 
-_lock = threading.Condition(threading.RLock())
+_lock = threading.RLock()
 _installed: Optional[Options] = None
 _scopes: dict[int, tuple[int, Options]] = {}  # token -> (thread id, options), in entry order
 _tokens = itertools.count()
@@ -86,7 +86,7 @@ def _publish() -> None:
     DISTRIBUTED = next((options for options in reversed(every) if options.distributed), None)
 
 
-def lock() -> threading.Condition:
+def lock() -> "threading.RLock":
     """The one lock around these settings and the patches that follow them."""
     return _lock
 
