@@ -6,6 +6,7 @@ model with ``modeling/sync_batchnorm/`` vendored); each test migrates a copy.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import shutil
 import stat
@@ -305,7 +306,7 @@ def test_nothing_to_migrate(tmp_path, capsys, make):
 
 def test_unused_vendored_copy_is_deleted(vendored_only, capsys):
     assert migrate(vendored_only, "--write", "--delete-vendored") == 0
-    assert not (vendored_only / VENDORED).exists() and (vendored_only / "modeling" / "__init__.py").exists()
+    assert sorted(os.listdir(vendored_only / "modeling")) == ["__init__.py"]  # no hidden copy left either
     assert "No import to rewrite." in capsys.readouterr().err
 
 
@@ -526,12 +527,143 @@ def snapshot_of(entries: "dict[str, tuple[object, int]]") -> "dict[str, bytes]":
     return {name: data for name, (data, _) in entries.items() if data is not None}
 
 
+# --delete-vendored is part of the same transaction: a deletion that fails halfway puts back
+# the files it removed already, the rewritten imports and the copy under its own name.
+
+def named(pattern: str):
+    """``when`` for a call whose first path argument's last name matches ``pattern`` (full path or not)."""
+    return lambda number, *args: fnmatch.fnmatch(os.path.basename(os.fspath(args[0])), pattern)
+
+
 @pytest.mark.timeout(60)
-def test_write_through_a_symlink_rewrites_its_target(vendored_only, tmp_path, capsys):
+@pytest.mark.parametrize("name, when, error, message", [
+    # Deleted content first, in reverse order: unittest.py, replicate.py and link.py are gone already.
+    ("unlink", named("comm.py"), OSError(errno.EPERM, os.strerror(errno.EPERM)),
+     f"cannot delete {VENDORED}/comm.py: Operation not permitted"),
+    # Every file and __pycache__ are gone already; the copy, moved aside, is the last to go.
+    ("rmdir", named("*.autosyncbn-deleted"), OSError(errno.EBUSY, os.strerror(errno.EBUSY)),
+     f"cannot delete {VENDORED}: Device or resource busy"),
+], ids=["a file", "the folder itself"])
+def test_delete_vendored_failing_halfway_changes_nothing(importing, capsys, monkeypatch, name, when, error, message):
+    copy = importing / VENDORED
+    (copy / "__pycache__").mkdir(mode=0o750)
+    (copy / "__pycache__" / "batchnorm.cpython-311.pyc").write_bytes(b"\x00compiled")
+    (copy / "comm.py").chmod(0o600)
+    (copy / "link.py").symlink_to("comm.py")
+    before = state(importing)
+    times = {p: p.lstat().st_mtime_ns for p in copy.rglob("*") if p.is_file() and not p.is_symlink()}
+    name, failing, calls = fail(name, when, error)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, name, failing)
+        assert migrate(importing, "--write", "--delete-vendored") == 1
+    assert any(when(0, *args) for args in calls)  # it got as far as deleting
+    assert state(importing) == before  # train.py as it was, every file of the copy back, nothing hidden left
+    assert {p: p.lstat().st_mtime_ns for p in times} == times
+    assert refusal(capsys) == f"autosyncbn migrate: {message}; nothing was changed"
+
+
+@pytest.mark.timeout(60)
+def test_delete_vendored_refuses_what_it_could_not_put_back(importing, capsys):
+    """A real failure under root too: a named pipe in the copy could not be recreated if the deletion failed."""
+    os.mkfifo(importing / VENDORED / "pipe")
+    before = state(importing)
+    assert migrate(importing, "--write", "--delete-vendored") == 1
+    assert state(importing) == before
+    assert refusal(capsys) == (f"autosyncbn migrate: cannot delete {VENDORED}/pipe: not a file, folder or symlink; "
+                               f"nothing was changed")
+
+
+# Nothing outside PATH is ever changed: a symlink that leads out of it is skipped, one line each.
+
+@pytest.mark.timeout(60)
+def test_symlink_to_a_file_outside_is_left_for_the_user(importing, tmp_path, capsys):
+    """shared.py is not the repository's to change; it still imports the copy, so the copy stays too."""
     shared = tmp_path / "shared.py"
     shared.write_text(IMPORTER)
-    (vendored_only / "train.py").symlink_to(shared)
-    assert migrate(vendored_only, "--write", "--delete-vendored") == 0
-    assert (vendored_only / "train.py").is_symlink()
-    assert shared.read_text() == "from autosyncbn import SynchronizedBatchNorm2d\n"
-    assert not (vendored_only / VENDORED).exists() and sorted(os.listdir(vendored_only / "modeling")) == ["__init__.py"]
+    (importing / "train.py").unlink()
+    (importing / "train.py").symlink_to(shared)
+    before = state(importing)
+    assert migrate(importing, "--write", "--delete-vendored") == 1
+    assert shared.read_text() == IMPORTER and sorted(os.listdir(tmp_path)) == ["repo", "shared.py"]
+    assert state(importing) == before
+    err = capsys.readouterr().err
+    assert (f"  train.py: a symlink to {shared}, outside the folder migrated, and it mentions the vendored "
+            f"copy: not rewritten, migrate its imports by hand\n") in err
+    assert err.count("train.py") == 1 and "Kept the vendored copy" in err
+
+
+@pytest.mark.timeout(60)
+def test_symlinks_to_outside_are_skipped_with_one_line_each(importing, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "helpers.py").write_text("import os\n")
+    (elsewhere / "layers.py").write_text(IMPORTER)  # behind a linked folder: not walked
+    (importing / "helpers.py").symlink_to(elsewhere / "helpers.py")
+    (importing / "ext").symlink_to(elsewhere)
+    outside = snapshot(elsewhere)
+    assert migrate(importing, "--write") == 0
+    assert snapshot(elsewhere) == outside
+    assert (importing / "train.py").read_text() == "from autosyncbn import SynchronizedBatchNorm2d\n"
+    printed = capsys.readouterr()
+    skipped = [line for line in printed.err.splitlines() if line.startswith("Skipped")]
+    assert skipped == [f"Skipped ext: a symlink to {elsewhere}, outside the folder migrated",
+                       f"Skipped helpers.py: a symlink to {elsewhere / 'helpers.py'}, outside the folder migrated"]
+    assert "--- a/train.py" in printed.out and "ext/" not in printed.out and "Rewrote 1 file(s)." in printed.err
+
+
+@pytest.mark.timeout(60)
+def test_symlinks_inside_rewrite_their_target_once(importing, capsys):
+    """alias.py is train.py under another name: one diff, one write. tools.py's target is in a hidden
+    folder, which is not walked: it is rewritten through the link. A linked folder is not walked twice."""
+    (importing / "alias.py").symlink_to("train.py")
+    (importing / ".shared").mkdir()
+    (importing / ".shared" / "real.py").write_text(IMPORTER)
+    (importing / "tools.py").symlink_to(".shared/real.py")
+    (importing / "models").symlink_to("modeling", target_is_directory=True)
+    (importing / "modeling" / "decoder.py").write_text(IMPORTER)
+    assert migrate(importing, "--write") == 0
+    printed = capsys.readouterr()
+    assert [line for line in printed.out.splitlines() if line.startswith("---")] == [
+        "--- a/tools.py", "--- a/train.py", "--- a/modeling/decoder.py"]  # no alias.py
+    assert "Rewrote 3 file(s)." in printed.err and "Skipped" not in printed.err
+    migrated = "from autosyncbn import SynchronizedBatchNorm2d\n"
+    for name in ("train.py", ".shared/real.py", "modeling/decoder.py"):
+        assert (importing / name).read_text() == migrated and not (importing / name).is_symlink()
+    assert (importing / "alias.py").is_symlink() and (importing / "tools.py").is_symlink()
+
+
+@pytest.mark.timeout(60)
+def test_symlink_into_the_vendored_copy_is_left_for_the_user(importing, capsys):
+    """Deleting the copy would leave modeling/bn.py dangling."""
+    (importing / "modeling" / "bn.py").symlink_to("sync_batchnorm/batchnorm.py")
+    batchnorm = (importing / VENDORED / "batchnorm.py").read_bytes()
+    assert migrate(importing, "--write", "--delete-vendored") == 1
+    assert (importing / VENDORED / "batchnorm.py").read_bytes() == batchnorm
+    err = capsys.readouterr().err
+    assert (f"  modeling/bn.py: a symlink to {VENDORED}/batchnorm.py, inside the vendored copy: "
+            f"not rewritten, and deleting the copy would break it\n") in err
+    assert "Kept the vendored copy" in err
+
+
+@pytest.mark.timeout(60)
+def test_write_refuses_a_symlink_retargeted_outside(vendored_only, tmp_path, capsys, monkeypatch):
+    """A real failure under root too: train.py is pointed outside PATH after it was read."""
+    (vendored_only / ".shared").mkdir()  # not walked: train.py is rewritten through the link
+    (vendored_only / ".shared" / "real.py").write_text(IMPORTER)
+    (vendored_only / "train.py").symlink_to(".shared/real.py")
+    shared = tmp_path / "shared.py"
+    shared.write_text(IMPORTER)
+    read = migrate_module._rewrite_all
+
+    def read_then_retarget(*args):
+        result = read(*args)
+        (vendored_only / "train.py").unlink()
+        (vendored_only / "train.py").symlink_to(shared)
+        return result
+
+    monkeypatch.setattr(migrate_module, "_rewrite_all", read_then_retarget)
+    assert migrate(vendored_only, "--write") == 1
+    assert shared.read_text() == IMPORTER and sorted(os.listdir(tmp_path)) == ["repo", "shared.py"]
+    assert (vendored_only / ".shared" / "real.py").read_text() == IMPORTER
+    assert refusal(capsys) == (f"autosyncbn migrate: cannot write train.py: a symlink to {shared}, "
+                               f"outside the folder migrated; nothing was changed")

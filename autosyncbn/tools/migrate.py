@@ -32,14 +32,24 @@ What is left as it is and reported (``file:line: why``), never guessed:
   spell the full path), star imports, module objects used otherwise, and
   files libcst cannot parse that mention a vendored folder's name.
 
+Symlinks: nothing outside PATH is ever changed. A symlink under PATH to a
+file or folder outside it is skipped, one line each (``Skipped x.py: a
+symlink to /elsewhere/x.py, outside the folder migrated``); a skipped file
+that mentions the vendored copy is left for the user, as it still imports it.
+A symlink to a file inside PATH is one more name for it: the file is
+rewritten once (under its own name when the walk reaches it), the link stays.
+A symlink into a vendored copy is left for the user, like the copy's files.
+
 ``--write`` is all or nothing. First every file to rewrite must be a readable,
 writable file in a writable folder, and every folder to delete must be
-deletable (its parent and each folder in it writable). Then each new file is
-written to a temporary beside it, with the old file's permission bits, as is
-a copy of the old content; only then are the temporaries renamed over the
-files (``os.replace``) and the vendored folders renamed aside, each step
-undone if a later one fails. A file that changed since it was read stops it
-too. On any failure nothing is changed and one line says which file and why:
+deletable (its parent and each folder in it writable) and is read into
+memory (a deletion cannot be undone, so what it removes is kept to be
+recreated). Then each new file is written to a temporary beside it, with the
+old file's permission bits, as is a copy of the old content; only then are
+the vendored folders renamed aside, the temporaries renamed over the files
+(``os.replace``) and the folders deleted, each step undone if a later one
+fails. A file that changed since it was read stops it too. On any failure
+nothing is changed and one line says which file and why:
 ``autosyncbn migrate: cannot write modeling/aspp.py: Permission denied; nothing was changed``.
 
 Exit status: 0 when everything found was migrated (or there was nothing to
@@ -63,12 +73,11 @@ import difflib
 import errno
 import functools
 import os
-import shutil
 import stat
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
@@ -108,12 +117,61 @@ def find_vendored(root: Path) -> "list[Path]":
     return found
 
 
-def python_files(root: Path, vendored: "list[Path]") -> Iterator[Path]:
-    """The ``.py`` files to rewrite: everything under ``root`` but the vendored copies themselves."""
+def _inside(folder: Path, path: Path) -> bool:
+    """``path`` is ``folder`` or below it (both absolute and resolved: no symlink followed here)."""
+    return path == folder or folder in path.parents
+
+
+def _real(path: Path) -> Path:
+    """Where ``path`` really is, every symlink followed."""
+    return Path(os.path.realpath(path))
+
+
+@dataclass
+class Sources:
+    """What the command may read under ``root``, and the symlinks it leaves alone."""
+
+    files: "list[Path]" = field(default_factory=list)  # to rewrite: each real file once, under root
+    outside: "list[Path]" = field(default_factory=list)  # symlinks (files, folders) that lead out of root
+    into_copy: "list[Path]" = field(default_factory=list)  # ``.py`` symlinks to a file of a vendored copy
+
+
+def python_files(root: Path, vendored: "list[Path]") -> Sources:
+    """The ``.py`` files to rewrite: everything under ``root`` but the vendored copies themselves.
+
+    Nothing outside ``root`` is ever written, so a symlink leading out of it (a
+    file, or a folder, which os.walk does not enter anyway) is listed in
+    ``outside`` instead. A symlink to a file inside ``root`` is one more name for
+    it: the file is rewritten once, under its own name when the walk reaches
+    it too, else under the first link's name (e.g. a target in a hidden folder).
+    A link into a vendored copy is left like the copy's own files.
+    """
+    found = Sources()
+    linked: "list[tuple[Path, Path]]" = []  # (name under root, real file), in walk order
     for folder in _folders(root):
-        if folder in vendored or any(copy in folder.parents for copy in vendored):
+        if any(_inside(copy, folder) for copy in vendored):
             continue
-        yield from sorted(file for file in folder.glob("*.py") if file.is_file())
+        with os.scandir(folder) as entries:
+            found.outside.extend(sorted(
+                folder / entry.name for entry in entries
+                if entry.is_symlink() and entry.is_dir() and not _is_skipped(folder / entry.name)
+                and not _inside(root, _real(folder / entry.name))))
+        for file in sorted(folder.glob("*.py")):
+            real = _real(file)
+            if not real.is_file():
+                continue
+            if not _inside(root, real):
+                found.outside.append(file)
+            elif any(_inside(copy, real) for copy in vendored):
+                found.into_copy.append(file)
+            else:
+                linked.append((file, real))
+    walked = {real for file, real in linked if file == real}
+    for file, real in linked:
+        if file == real or real not in walked:
+            found.files.append(file)
+            walked.add(real)  # a second link to the same file is skipped
+    return found
 
 
 def locator(root: Path, vendored: "list[Path]", file: Path) -> "Locate":
@@ -172,30 +230,48 @@ def _refusing(what: str) -> Iterator[None]:
 
 def _name(root: Path, path: Path) -> str:
     """``path`` as the messages show it: relative to PATH when inside it."""
-    return path.relative_to(root).as_posix() if path == root or root in path.parents else str(path)
+    return path.relative_to(root).as_posix() if _inside(root, path) else str(path)
 
 
-def _rewrite_all(root: Path, vendored: "list[Path]") -> "tuple[dict[Path, Rewrite], list[str]]":
-    """Each changed file's rewrite, and every ``file:line: why`` left for the user."""
+def _rewrite_all(root: Path, vendored: "list[Path]"
+                 ) -> "tuple[dict[Path, Rewrite], list[str], list[str]]":
+    """Each changed file's rewrite, every ``file:line: why`` left for the user, and each symlink skipped."""
     from .migrate_imports import ParseError, rewrite_imports
 
+    def read(file: Path) -> bytes:
+        with _refusing(f"cannot read {_name(root, file)}"):
+            return file.read_bytes()
+
+    def mentions_a_copy(source: bytes) -> bool:
+        return any(copy.name.encode() in source for copy in vendored)
+
+    sources = python_files(root, vendored)
     changed: "dict[Path, Rewrite]" = {}
     issues: "list[str]" = []
-    for file in python_files(root, vendored):
-        name = file.relative_to(root).as_posix()
-        with _refusing(f"cannot read {name}"):
-            source = file.read_bytes()
+    skipped: "list[str]" = []
+    for link in sources.outside:  # read for the warning only: it is not part of PATH
+        name, target = _name(root, link), os.path.realpath(link)
+        if link.is_file() and mentions_a_copy(read(link)):
+            issues.append(f"{name}: a symlink to {target}, outside the folder migrated, and it mentions "
+                          f"the vendored copy: not rewritten, migrate its imports by hand")
+        else:
+            skipped.append(f"Skipped {name}: a symlink to {target}, outside the folder migrated")
+    for link in sources.into_copy:
+        issues.append(f"{_name(root, link)}: a symlink to {_name(root, _real(link))}, inside the vendored "
+                      f"copy: not rewritten, and deleting the copy would break it")
+    for file in sources.files:
+        name, source = _name(root, file), read(file)
         try:
             rewrite = rewrite_imports(source, locator(root, vendored, file))
         except (ParseError, SyntaxError, ValueError):  # Python 2, a syntax error, an unknown encoding
-            if any(copy.name.encode() in source for copy in vendored):
+            if mentions_a_copy(source):
                 issues.append(f"{name}: libcst cannot parse this file and it mentions the "
                               f"vendored copy: migrate its imports by hand")
             continue
         issues.extend(f"{name}:{issue.line}: {issue.message}" for issue in rewrite.issues)
         if rewrite.changed:
             changed[file] = rewrite
-    return changed, issues
+    return changed, issues, skipped
 
 
 def _denied(path: Path) -> str:
@@ -207,10 +283,12 @@ def _denied(path: Path) -> str:
 
 
 def _check(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> None:
-    """Refuse before anything is written: each file to rewrite readable and writable in a writable
-    folder; each folder to delete in a writable parent, and it and its subfolders writable."""
+    """Refuse before anything is written: each file to rewrite inside ``root``, readable and writable
+    in a writable folder; each folder to delete in a writable parent, and it and its subfolders writable."""
     for file in changed:
-        name, target = _name(root, file), Path(os.path.realpath(file))  # a symlink: its target is rewritten
+        name, target = _name(root, file), _real(file)  # a symlink: its target is rewritten
+        if not _inside(root, target):  # retargeted since it was read
+            raise Refused(f"cannot write {name}: a symlink to {target}, outside the folder migrated")
         if not target.is_file():
             raise Refused(f"cannot write {name}: {os.strerror(errno.EISDIR if target.is_dir() else errno.ENOENT)}")
         if not os.access(target, os.R_OK | os.W_OK):
@@ -262,7 +340,7 @@ class _Staged:
 
 def _stage(root: Path, file: Path, rewrite: "Rewrite") -> _Staged:
     """Write ``file``'s two temporaries, or raise Refused and leave none."""
-    name, target = _name(root, file), Path(os.path.realpath(file))
+    name, target = _name(root, file), _real(file)
     with _refusing(f"cannot write {name}"):
         like = os.stat(target)
         new_file = _temporary(target.parent, rewrite.new_bytes, like)
@@ -272,6 +350,78 @@ def _stage(root: Path, file: Path, rewrite: "Rewrite") -> _Staged:
             new_file.unlink()
             raise
     return _Staged(name, target, rewrite.old_bytes, new_file, backup)
+
+
+@dataclass
+class _Kept:
+    """One entry of a vendored copy as it was, for putting it back if its deletion is undone."""
+
+    parts: "tuple[str, ...]"  # its path inside the copy; () for the copy itself
+    status: os.stat_result  # as os.lstat gives it
+    data: Optional[bytes] = None  # a file's content
+    link: Optional[str] = None  # a symlink's target
+
+
+def _keep(root: Path, copy: Path) -> "list[_Kept]":
+    """Everything in ``copy``, each folder before its content, read before anything changes.
+
+    Deleting a file cannot be undone, and any unlink may fail halfway through a
+    copy (EBUSY, an immutable file, a read-only mount), so what the deletion
+    removes is kept in memory (a vendored copy is a few files) to be recreated.
+    What could not be recreated (unreadable, a device) refuses the deletion now.
+    """
+    kept: "list[_Kept]" = []
+
+    def visit(path: Path, parts: "tuple[str, ...]") -> None:
+        with _refusing(f"cannot delete {_name(root, path)}"):
+            status = os.lstat(path)
+            if stat.S_ISLNK(status.st_mode):
+                kept.append(_Kept(parts, status, link=os.readlink(path)))
+            elif stat.S_ISREG(status.st_mode):
+                kept.append(_Kept(parts, status, data=path.read_bytes()))
+            elif stat.S_ISDIR(status.st_mode):
+                kept.append(_Kept(parts, status))
+                for name in sorted(os.listdir(path)):
+                    visit(path / name, parts + (name,))
+            else:
+                raise Refused(f"cannot delete {_name(root, path)}: not a file, folder or symlink")
+
+    visit(copy, ())
+    return kept
+
+
+def _delete(root: Path, copy: Path, aside: Path, kept: "list[_Kept]") -> None:
+    """Delete ``copy``, now at ``aside``, content before folders; a failure names the file as it was."""
+    for entry in reversed(kept):
+        with _refusing(f"cannot delete {_name(root, copy.joinpath(*entry.parts))}"):
+            path = aside.joinpath(*entry.parts)
+            if stat.S_ISDIR(entry.status.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+
+
+def _restore(aside: Path, kept: "list[_Kept]") -> None:
+    """Recreate at ``aside`` what ``_delete`` removed, with its owner, permission bits and times."""
+    for entry in kept:  # each folder before its content
+        path = aside.joinpath(*entry.parts)
+        if os.path.lexists(path):
+            continue
+        if entry.link is not None:
+            os.symlink(entry.link, path)
+        elif entry.data is not None:
+            with open(path, "xb") as stream:
+                stream.write(entry.data)
+        else:
+            os.mkdir(path, 0o700)  # its own bits once its content is back
+        if hasattr(os, "chown"):
+            with contextlib.suppress(PermissionError):  # only root may give a file away
+                os.chown(path, entry.status.st_uid, entry.status.st_gid, follow_symlinks=False)
+    for entry in reversed(kept):  # content first: recreating it changes its folder's times
+        if entry.link is None:
+            path = aside.joinpath(*entry.parts)
+            os.chmod(path, stat.S_IMODE(entry.status.st_mode))
+            os.utime(path, ns=(entry.status.st_atime_ns, entry.status.st_mtime_ns))
 
 
 def _undo(steps: "list[tuple[str, Callable[[], object]]]") -> "list[str]":
@@ -285,17 +435,18 @@ def _undo(steps: "list[tuple[str, Callable[[], object]]]") -> "list[str]":
     return failed
 
 
-def _apply(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> "list[str]":
+def _apply(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> None:
     """Write every rewrite and delete every folder in ``doomed``, or change nothing and raise Refused.
 
-    Nothing is touched until every check passed and every temporary is written;
-    what follows are renames, each undone if a later one fails. Returns what
-    could not be cleaned up once everything was applied (a deleted folder's files).
+    Nothing is touched until every check passed, every temporary is written
+    and every file to delete is read; then the copies are renamed aside, the
+    files replaced and the copies deleted, each step undone if a later one
+    fails (a deleted file is recreated from what was read).
     """
     _check(root, changed, doomed)
+    kept = {copy: _keep(root, copy) for copy in doomed}
     staged: "list[_Staged]" = []
     undo: "list[tuple[str, Callable[[], object]]]" = []
-    trash: "list[Path]" = []
     try:
         for file, rewrite in changed.items():
             staged.append(_stage(root, file, rewrite))
@@ -303,17 +454,22 @@ def _apply(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> 
             with _refusing(f"cannot write {item.name}"):
                 if item.target.read_bytes() != item.old:
                     raise Refused(f"cannot write {item.name}: it changed while being migrated")
-        for copy in doomed:  # renamed aside now, deleted once everything else is done
+        asides: "dict[Path, Path]" = {}
+        for copy in doomed:  # renamed aside first: nothing can import it while the files change
             aside = copy.with_name(f".{copy.name}.{uuid.uuid4().hex[:8]}.autosyncbn-deleted")
             name = _name(root, copy)
             with _refusing(f"cannot delete {name}"):
                 os.rename(copy, aside)
             undo.append((f"{name} (now {_name(root, aside)})", functools.partial(os.rename, aside, copy)))
-            trash.append(aside)
+            asides[copy] = aside
         for item in staged:
             with _refusing(f"cannot write {item.name}"):
                 os.replace(item.new_file, item.target)
             undo.append((item.name, functools.partial(os.replace, item.backup, item.target)))
+        for copy, aside in asides.items():  # last: the one step undone by recreating files
+            undo.append((f"{_name(root, copy)} (now {_name(root, aside)}, partly deleted)",
+                         functools.partial(_restore, aside, kept[copy])))
+            _delete(root, copy, aside, kept[copy])
     except Refused as refused:
         refused.left = _undo(undo)
         raise
@@ -325,13 +481,6 @@ def _apply(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> 
             for temporary in (item.new_file, item.backup):
                 with contextlib.suppress(OSError):
                     temporary.unlink()
-    left = []
-    for aside in trash:
-        try:
-            shutil.rmtree(aside)
-        except OSError as error:
-            left.append(f"could not delete all of {_name(root, aside)}: {error.strerror or error}; delete it by hand")
-    return left
 
 
 def _print_diff(root: Path, changed: "dict[Path, Rewrite]") -> None:
@@ -362,14 +511,17 @@ def main(args: argparse.Namespace) -> int:
         _say(f"No vendored sync_batchnorm found under {args.path}: nothing to migrate.")
         return 0
     try:
-        changed, issues = _rewrite_all(root, vendored)
+        changed, issues, skipped = _rewrite_all(root, vendored)
         doomed = vendored if args.delete_vendored and not issues else []
-        left = _apply(root, changed, doomed) if args.write else []
+        if args.write:
+            _apply(root, changed, doomed)
     except Refused as refused:
         _say(f"autosyncbn migrate: {refused}")
         return 1
     for copy in vendored:
         _say(f"Vendored sync_batchnorm: {copy.relative_to(root).as_posix()}")
+    for line in skipped:
+        _say(line)
     _print_diff(root, changed)
 
     if not changed:
@@ -389,6 +541,4 @@ def main(args: argparse.Namespace) -> int:
         else:
             for copy in doomed:
                 _say(f"Deleted {copy.relative_to(root).as_posix()}")
-    for problem in left:
-        _say(f"autosyncbn migrate: {problem}")
-    return 1 if issues or left else 0
+    return 1 if issues else 0
