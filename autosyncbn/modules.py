@@ -12,10 +12,10 @@ Python), so a converted model scripts as the plain one does.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
-
+import builtins
 import inspect
 import types
+from typing import Any, Callable, Optional, TypeVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,18 +38,69 @@ class _LayerFunctional(types.ModuleType):
 
 
 _LAYER_FUNCTIONAL = _LayerFunctional("autosyncbn.layer_functional")
+_SYNCHRONIZED_FORWARD = "__autosyncbn_synchronized__"
+_overlays: dict[int, dict] = {}  # id(module globals) -> its overlay (module namespaces live as long as we do)
+
+
+def _overlay(namespace: dict) -> dict:
+    """A namespace where ``F`` is autosyncbn's and every other name is read live from ``namespace``.
+
+    A dict subclass whose ``__missing__`` is ``namespace.__getitem__`` (a C
+    method, so a global read costs no Python call): a flag set, a helper
+    monkeypatched or a ``global`` assigned in the module later is seen, as by
+    the original function. (A ``global`` assignment made inside the
+    synchronized forward itself stays in the overlay.)
+    """
+    overlay = _overlays.get(id(namespace))
+    if overlay is None:
+        def keys(self: dict) -> set:  # what copies see (TorchScript's resolution, debuggers): every name
+            return namespace.keys() | dict.keys(self)
+
+        cls = type("SynchronizedNamespace", (dict,), {
+            "__slots__": (), "__missing__": namespace.__getitem__, "keys": keys,
+            "__iter__": lambda self: iter(keys(self)), "__len__": lambda self: len(keys(self))})
+        overlay = cls(F=_LAYER_FUNCTIONAL, __builtins__=namespace.get("__builtins__", builtins),
+                      __name__=namespace.get("__name__"))
+        _overlays[id(namespace)] = overlay
+    return overlay
 
 
 def _with_synchronized_batch_norm(forward: Callable) -> Callable:
     """``forward`` itself (PyTorch's ``_BatchNorm.forward``, or a subclass's), its ``F.batch_norm``
     being :func:`dispatch.explicit_batch_norm`: the same code, every option, every new argument."""
-    namespace = dict(forward.__globals__, F=_LAYER_FUNCTIONAL)
-    synchronized = types.FunctionType(forward.__code__, namespace, forward.__name__, forward.__defaults__,
-                                      forward.__closure__)
+    synchronized = types.FunctionType(forward.__code__, _overlay(forward.__globals__), forward.__name__,
+                                      forward.__defaults__, forward.__closure__)
     synchronized.__kwdefaults__ = forward.__kwdefaults__
     synchronized.__qualname__ = forward.__qualname__
+    synchronized.__module__ = forward.__module__
     synchronized.__doc__ = forward.__doc__
+    synchronized.__dict__.update(forward.__dict__)
+    synchronized.__wrapped__ = forward  # type: ignore[attr-defined]
+    setattr(synchronized, _SYNCHRONIZED_FORWARD, True)
     return synchronized
+
+
+def _synchronized_signature(cls: type) -> Optional[inspect.Signature]:
+    """What ``inspect`` shows for ``cls``: the BatchNorm class's own arguments, and ``process_group``.
+
+    None where a subclass defines its own ``__init__``: inspect then reads that.
+    """
+    init_owner = next(base for base in cls.__mro__ if "__init__" in vars(base))
+    if init_owner is not _SynchronizedBatchNormMixin:
+        return None
+    plain = next(base for base in cls.__mro__ if "__init__" in vars(base)
+                 and not issubclass(base, _SynchronizedBatchNormMixin))
+    try:
+        signature = inspect.signature(plain)
+    except (TypeError, ValueError):
+        return None
+    if "process_group" in signature.parameters:  # nn.SyncBatchNorm and its subclasses
+        return signature
+    parameters = list(signature.parameters.values())
+    extra = inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+    parameters.insert(at, extra)  # before **kwargs (detectron2's NaiveSyncBatchNorm takes them)
+    return signature.replace(parameters=parameters)
 
 
 class _SynchronizedBatchNormMixin:
@@ -67,15 +118,13 @@ class _SynchronizedBatchNormMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        forward = next(vars(base)["forward"] for base in cls.__mro__[cls.__mro__.index(_SynchronizedBatchNormMixin) + 1:]
-                       if "forward" in vars(base))
-        cls.forward = _with_synchronized_batch_norm(forward)  # type: ignore[attr-defined]
-        # What inspect and IDEs show: the BatchNorm class's own arguments, and process_group.
-        plain = next(base for base in cls.__mro__ if base is not cls and "__init__" in vars(base)
-                     and not issubclass(base, _SynchronizedBatchNormMixin))
-        signature = inspect.signature(plain)
-        extra = inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None)
-        cls.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])  # type: ignore[attr-defined]
+        # The forward that runs: a subclass's own (kept, its F.batch_norm made autosyncbn's), one
+        # already synchronized further up, or the BatchNorm class's, synchronized here.
+        owner = next(base for base in cls.__mro__ if "forward" in vars(base))
+        forward = vars(owner)["forward"]
+        if isinstance(forward, types.FunctionType) and not getattr(forward, _SYNCHRONIZED_FORWARD, False):
+            cls.forward = _with_synchronized_batch_norm(forward)  # type: ignore[attr-defined]
+        cls.__signature__ = _synchronized_signature(cls)  # type: ignore[attr-defined]
 
     def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -229,6 +278,20 @@ def _convert_children(module: nn.Module, convert: Callable[[nn.Module], nn.Modul
             module._modules[name] = convert(child)
 
 
+def _once_per_module(convert: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+    """``convert`` made once per module object: a layer registered under two names (or shared
+    by two blocks) stays one layer, as on the model before."""
+    done: dict[int, nn.Module] = {}
+
+    def once(module: nn.Module) -> nn.Module:
+        key = id(module)
+        if key not in done:
+            done[key] = convert(module)
+        return done[key]
+
+    return once
+
+
 def _data_parallel_as(module: nn.DataParallel, cls: type, inner: nn.Module) -> nn.DataParallel:
     """A ``cls`` around ``inner`` with ``module``'s devices (a device-less one stays device-less)."""
     if not module.device_ids:
@@ -266,7 +329,8 @@ def convert_model(module: M, process_group: Any = None) -> M:
         >>> model = convert_model(nn.DataParallel(model, device_ids=[0, 1]))
     """
     _require_module(module, "convert_model")
-    converted = _convert(module, process_group)
+    convert: Callable[[nn.Module], nn.Module] = _once_per_module(lambda child: _convert(child, process_group, convert))
+    converted = convert(module)
     # Qualified names tell layers apart across ranks in error messages.
     for name, layer in converted.named_modules():
         if is_synchronized_class(layer):
@@ -274,9 +338,9 @@ def convert_model(module: M, process_group: Any = None) -> M:
     return converted
 
 
-def _convert(module: M, process_group: Any) -> M:
+def _convert(module: M, process_group: Any, convert: Callable[[nn.Module], nn.Module]) -> M:
     if isinstance(module, nn.DataParallel):
-        inner = _convert(module.module, process_group)
+        inner = convert(module.module)
         return _data_parallel_as(module, DataParallelWithCallback, inner)  # type: ignore[return-value]
     if isinstance(module, LazyModuleMixin) and isinstance(module.cls_to_become, type):
         # An uninitialized lazy layer: it becomes the synchronized twin of what it would have become.
@@ -291,7 +355,7 @@ def _convert(module: M, process_group: Any) -> M:
     if target is not None:
         converted = _rebuild(module, target)  # type: ignore[arg-type]
         converted.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
-    _convert_children(converted, lambda child: _convert(child, process_group))
+    _convert_children(converted, convert)
     return converted  # type: ignore[return-value]
 
 
@@ -304,14 +368,19 @@ def revert_model(module: M) -> M:
     ``DataParallelWithCallback`` becomes an ``nn.DataParallel`` with the same devices.
     """
     _require_module(module, "revert_model")
+    revert: Callable[[nn.Module], nn.Module] = _once_per_module(lambda child: _revert(child, revert))
+    return revert(module)  # type: ignore[return-value]
+
+
+def _revert(module: M, revert: Callable[[nn.Module], nn.Module]) -> M:
     if isinstance(module, DataParallelWithCallback):
-        return _data_parallel_as(module, nn.DataParallel, revert_model(module.module))  # type: ignore[return-value]
+        return _data_parallel_as(module, nn.DataParallel, revert(module.module))  # type: ignore[return-value]
     if isinstance(module, LazyModuleMixin):
         module.__dict__.pop("cls_to_become", None)  # what convert_model set
         module.__dict__.pop("process_group", None)
     target = _TO_PLAIN.get(type(module)) or getattr(type(module), "_autosyncbn_base", None)
     reverted = _rebuild(module, target) if target is not None else module  # type: ignore[arg-type]
-    _convert_children(reverted, revert_model)
+    _convert_children(reverted, revert)
     return reverted  # type: ignore[return-value]
 
 
