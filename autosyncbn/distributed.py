@@ -7,7 +7,7 @@ this module only moves values and checks that ranks agree.
 
 Every synchronized call starts with one all-gather of a fixed-size float64 record per rank:
 a header (direction, call number, channel count, value count, layer
-fingerprint) and up to 512 channels of two per-channel vectors, zero-padded.
+fingerprint, whether the call opens a forward) and up to 512 channels of two per-channel vectors, zero-padded.
 Forward sends the rank's (mean, var); backward sends the rank's per-channel
 sums (sum dy, sum dy * xhat), summed locally after the gather. Because every record has
 the same size and says what it is, ranks that fall out of step (one skipped a
@@ -16,6 +16,13 @@ clear error instead of mixing statistics or aborting inside gloo. Layers
 wider than 512 channels gather the rest in a second collective once the
 headers agree. On disagreement the ranks gather each other's layer names in
 one more fixed-size collective, so every message names layers in words.
+
+A rank that raised inside a forward (between two BatchNorm layers) opens its
+next forward at the model's first synchronized layer while its peers are
+further into theirs: they raise, it meets their next forward, and every
+rank's next step synchronizes (``_resolve_disagreement``). State per process
+group lives with the group object (a weak key): a group destroyed and
+initialized anew starts afresh.
 
 Ranks get back in step after a disagreement. Every rank sees every header,
 so all restart their call numbers at the same value (one past the largest
@@ -46,8 +53,10 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 import zlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,8 +64,10 @@ from torch import Tensor
 
 from .errors import ReplicaMismatchError
 
-HEADER = 5
-"""direction, call number, channel count, value count, layer fingerprint."""
+HEADER = 6
+"""direction, call number, channel count, value count, layer fingerprint, opens a forward (1/0)."""
+_AGREE = (0, 1, 2, 4)
+"""The header fields every rank must share (value counts differ with uneven slices)."""
 
 FIRST_CHANNELS = 512
 """Channels whose vectors ride in the fixed-size first all-gather."""
@@ -67,11 +78,28 @@ NAME_BYTES = 256
 FORWARD, BACKWARD = 1.0, 2.0
 _DIRECTION = {FORWARD: "forward", BACKWARD: "backward"}
 
+@dataclass
+class _GroupState:
+    """What this process keeps per process group; it goes with its group (a weak key)."""
+
+    next_call: int = 0  # the call number of this process's next call
+    # The peers' next call and why this process's next forward raises without a
+    # collective (it is a step behind them), owed since the last disagreement.
+    owed_drop: Optional[tuple[int, str]] = None
+    opening_layer: Optional[int] = None  # fingerprint of the first synchronized forward call: where forwards start
+
+
 _lock = threading.Lock()
-_next_call: dict[int, int] = {}  # per group (by id): the call number of this process's next call
-_owed_drops: dict[int, tuple[int, str]] = {}  # per group: the peers' next call and why this process's
-# next forward raises without a collective (it is a step behind them)
+_states: "weakref.WeakKeyDictionary[Any, _GroupState]" = weakref.WeakKeyDictionary()
 _inherited_groups: list = []  # groups that existed when this process was forked from its parent
+
+
+def _state(group: Any) -> _GroupState:
+    """This process's state for ``group`` (call under ``_lock``): a group destroyed and made anew starts afresh."""
+    state = _states.get(group)
+    if state is None:
+        state = _states[group] = _GroupState()
+    return state
 
 
 def _remember_inherited_groups() -> None:
@@ -132,10 +160,13 @@ class ProcessGroupTransport:
         self.group = group
         self.layer = layer
         self.fingerprint = _fingerprint(layer)
-        self._key = id(group)
         with _lock:
-            self.call = _next_call.get(self._key, 0)
-            _next_call[self._key] = self.call + 1
+            self._state = state = _state(group)
+            self.call = state.next_call
+            state.next_call += 1
+            if state.opening_layer is None:
+                state.opening_layer = self.fingerprint
+            self.opens = state.opening_layer == self.fingerprint
         self.channels = 0
 
     # -- functional.MomentsTransport -------------------------------------------
@@ -154,19 +185,20 @@ class ProcessGroupTransport:
 
     # -- internals -------------------------------------------------------------
     def _exchange(self, direction: float, count: int, first: Tensor, second: Tensor) -> tuple[Tensor, list]:
-        """One fixed-size all-gather; every rank checks every header, so all raise alike."""
+        """One fixed-size all-gather; every rank checks every header, so all decide alike."""
         shown = min(self.channels, FIRST_CHANNELS)
         record = torch.zeros(HEADER + 2 * FIRST_CHANNELS, dtype=torch.float64, device=first.device)
-        record[:HEADER] = torch.tensor(
-            [direction, self.call, self.channels, count, self.fingerprint], dtype=torch.float64
-        )
         record[HEADER:HEADER + shown] = first[:shown]
         record[HEADER + FIRST_CHANNELS:HEADER + FIRST_CHANNELS + shown] = second[:shown]
-        rows = _gather(record, self.group)
-        headers = rows[:, :HEADER].tolist()
-        if any(header[:3] + header[4:] != headers[0][:3] + headers[0][4:] for header in headers):
-            self._raise_disagreement(headers, first.device)
-        return rows, headers
+        while True:
+            record[:HEADER] = torch.tensor(
+                [direction, self.call, self.channels, count, self.fingerprint, float(self.opens)],
+                dtype=torch.float64)
+            rows = _gather(record, self.group)
+            headers = rows[:, :HEADER].tolist()
+            if all([header[i] for i in _AGREE] == [headers[0][i] for i in _AGREE] for header in headers):
+                return rows, headers
+            self._resolve_disagreement(headers, first.device)  # raises, or this call meets its peers again
 
     def _vectors(self, rows: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
         """Every rank's two vectors (one row per rank), the channels past 512 gathered now."""
@@ -182,43 +214,65 @@ class ProcessGroupTransport:
     def _drop_if_behind(self) -> None:
         """Owed since the last disagreement: this forward raises, no collective (peers dropped a step)."""
         with _lock:
-            owed = _owed_drops.pop(self._key, None)
+            owed, self._state.owed_drop = self._state.owed_drop, None
             if owed is not None:
                 # The peers' next call has the number every rank agreed on at the disagreement.
-                _next_call[self._key], reason = owed
+                self._state.next_call, reason = owed
         if owed is not None:
             raise ReplicaMismatchError(
                 f"on rank {dist.get_rank(self.group)} (group rank) at layer '{self.layer}': this "
                 f"forward did not synchronize: {reason}"
             )
 
-    def _raise_disagreement(self, headers: list, device: torch.device) -> None:
-        """Every rank raises alike, after agreeing (from the same headers) on how to get back in step."""
+    def _resolve_disagreement(self, headers: list, device: torch.device) -> None:
+        """Every rank decides alike, from the same headers, how to get back in step.
+
+        A rank whose call opens a forward (its model's first synchronized layer)
+        while its peers are further into theirs raised in its previous forward
+        between two layers (a caught out-of-memory error, say): the peers raise
+        (their forward cannot complete) and this rank meets them again at the
+        start of their next forward, so every rank's next step synchronizes and
+        no step is lost twice. Any other disagreement: every rank raises.
+        """
         names = self._gather_names(device)
         me = dist.get_rank(self.group)
         detail = "; ".join(
-            f"rank {rank}: {_DIRECTION.get(direction, '?')} of call {int(call)} "
-            f"('{names[rank]}', {int(channels)} channels)"
-            for rank, (direction, call, channels, _, _) in enumerate(headers)
+            f"rank {rank}: {_DIRECTION.get(header[0], '?')} of call {int(header[1])} "
+            f"('{names[rank]}', {int(header[2])} channels)"
+            for rank, header in enumerate(headers)
         )
-        directions = [direction for direction, *_ in headers]
+        directions = [header[0] for header in headers]
         behind = [rank for rank, direction in enumerate(directions) if direction == BACKWARD]
         mixed = FORWARD in directions and bool(behind)
         ahead = [rank for rank in range(len(headers)) if rank not in behind]
+        restarted = [rank for rank, header in enumerate(headers) if header[5]]
+        midway = [rank for rank in range(len(headers)) if rank not in restarted]
+        restart = (not behind and bool(restarted) and bool(midway)
+                   and len({(headers[rank][2], headers[rank][4]) for rank in restarted}) == 1)
         with _lock:
             # Every rank computes the same number from the same headers: the next calls agree.
-            realigned = int(max(call for _, call, *_ in headers)) + 1
-            _next_call[self._key] = realigned
-            _owed_drops.pop(self._key, None)
+            realigned = int(max(header[1] for header in headers)) + 1
+            state = self._state
+            state.next_call = realigned + 1 if restart and me in restarted else realigned
+            state.owed_drop = None
             if mixed and me in behind:
-                _owed_drops[self._key] = realigned, (
+                state.owed_drop = realigned, (
                     f"at the previous synchronized call (layer '{self.layer}', call {self.call}) this "
                     f"rank ran a backward while {_ranks(ahead)} {'were' if len(ahead) > 1 else 'was'} "
                     f"already in a forward (no backward for {'their' if len(ahead) > 1 else 'its'} last "
                     f"step: skipped, or run under torch.no_grad()) and lost that step there. This rank "
                     f"drops this one, so that every rank's next step synchronizes again."
                 )
-        if mixed:
+        if restart and me in restarted:
+            self.call = realigned  # meet the peers' next forward at its first call
+            return
+        if restart:
+            cause = (f"{_ranks(restarted)} began a new forward while this rank was in the middle of "
+                     f"one: {'they' if len(restarted) > 1 else 'it'} raised in the previous forward "
+                     f"(between two BatchNorm layers) and left it. This forward cannot complete; "
+                     f"{_ranks(restarted)} wait{'' if len(restarted) > 1 else 's'} for this rank's next "
+                     f"forward, which synchronizes again.")
+        elif mixed:
             cause = (
                 "A rank skipped a backward (or ran one more, or ran a training forward under "
                 "torch.no_grad()): every rank must run backward through the same synchronized "
