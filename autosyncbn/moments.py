@@ -63,8 +63,9 @@ WIDE_MEAN = 4.0
 """Channels whose mean exceeds this many standard deviations get float64 means (see with_precise_means)."""
 
 
-def with_precise_means(moments: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """The parts' (parts, 2, C) moments in float64, float32 parts' means summed again in float64 where needed.
+def with_precise_means(moments: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, bool]:
+    """The parts' (parts, 2, C) moments in float64, float32 parts' means summed again in float64
+    where needed; and whether they were (the input is *wide*: a large mean, a small spread).
 
     PyTorch's kernel sums a float32 input's mean in float64 but returns it
     rounded to float32, and Chan's merge squares each part's distance to the
@@ -72,21 +73,23 @@ def with_precise_means(moments: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     deviations from 0, that rounding (1e-3 at a mean of 3e4) would cost more
     precision than one device loses, so every part's mean is summed again in
     float64 (one more pass each). On a GPU it always is: the pass is cheap
-    there, and testing first would make the host wait for the device. Tested
-    once per layer call, on every part's moments at once.
+    there, and testing first would make the host wait for the device (a GPU
+    input is never called wide). Tested once per layer call, on every part's
+    moments at once.
     """
     moments = moments.double()
     first = inputs[0]
     if first.dtype != torch.float32:
-        return moments
-    if not first.is_cuda and not bool((moments[:, 0].abs() > WIDE_MEAN * moments[:, 1].sqrt()).any()):
-        return moments
+        return moments, False
+    wide = first.is_cuda or bool((moments[:, 0].abs() > WIDE_MEAN * moments[:, 1].sqrt()).any())
+    if not wide:
+        return moments, False
     for part, input in enumerate(inputs):
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         if count:
             mean = input.detach().sum(reduction_dims(input), dtype=torch.float64).div_(count)
             moments[part, 0] = mean if mean.device == moments.device else mean.to(moments.device)
-    return moments
+    return moments, not first.is_cuda
 
 
 @functools.lru_cache(maxsize=64)
