@@ -27,10 +27,11 @@ class SyncTimeoutError(SyncBatchNormError, TimeoutError):
 
 
 class CheckpointRecomputeError(SyncBatchNormError):
-    """A synchronized layer ran again after its replica's forward ended.
+    """A synchronized layer ran again after its replica's forward ended, outside a recompute.
 
-    ``torch.utils.checkpoint`` recomputes the forward during backward, one
-    replica at a time, so the replicas can never meet again.
+    ``torch.utils.checkpoint`` recomputes are fine: they replay the statistics
+    of the call they recompute. This is a replica module called again after
+    the step (kept and called later), which no peer can meet any more.
     """
 
 

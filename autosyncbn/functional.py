@@ -23,11 +23,13 @@ statistics recomputed from every part's input (threads), so double backward
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from .errors import SyncBatchNormError
 from .eps_mode import get_sbn_eps_mode
 from .moments import (HALF_TYPES, accumulation_dtype, chan_merge, channel_view_shape, reduction_dims,
                       with_precise_means)
@@ -48,10 +50,15 @@ def check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: 
     """Raise what ``F.batch_norm`` raises in training for these arguments, with its types."""
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for \'{str(input.dtype)[6:].capitalize()}\'')
-    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+    if not isinstance(momentum, (int, float, Tensor)) or isinstance(momentum, bool):
         raise TypeError(f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}")
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(input).tangent is not None:
+        raise SyncBatchNormError(
+            "forward-mode AD (torch.autograd.forward_ad) through a synchronized BatchNorm call is not "
+            "supported: its tangent would need every replica's or rank's tangent. Use reverse mode "
+            "(backward, torch.autograd.grad), or exclude the layer (autosyncbn.exclude) to run it per slice.")
     channels = input.shape[1]
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
                          ("weight", weight), ("bias", bias)):
@@ -85,11 +92,12 @@ class LayerCall:
     """
 
     __slots__ = ("merged", "mean", "var", "total", "eps", "kernel_var", "kernel_eps", "invstd", "var_mask",
-                 "transport")
+                 "transport", "wide")
 
     def __init__(self, merged: Tensor, total: int, eps: float, dtype: torch.dtype,
-                 transport: Optional[MomentsTransport] = None) -> None:
+                 transport: Optional[MomentsTransport] = None, wide: bool = False) -> None:
         self.merged = merged
+        self.wide = wide
         self.mean, self.var = merged.to(dtype).unbind()
         self.total = total
         self.eps = eps
@@ -102,35 +110,64 @@ class LayerCall:
         self.invstd = (self.kernel_var + self.kernel_eps).rsqrt()
 
 
+def pack_part(hooks: "tuple[Callable, Callable]", input: Tensor, weight: Optional[Tensor]) -> tuple:
+    """One part's saved tensors packed by the saved-tensor hooks of the thread it runs in.
+
+    Autograd packs what a node saves with the hooks of the thread that makes
+    the node; a synchronized node is made by one replica for all, so each
+    replica packs its own input and weight here, in its own thread, where its
+    hooks are: activation checkpointing (each replica's recompute brings back
+    its own tensors), ``save_on_cpu``, a memory ledger.
+    """
+    pack, unpack = hooks
+    return unpack, pack(input), None if weight is None else pack(weight)
+
+
+def _unpacked(packed: Sequence[tuple]) -> tuple[list, list]:
+    """Every part's input and weight, back from :func:`pack_part` (or as kept: no hooks there)."""
+    inputs, weights = [], []
+    for unpack, input, weight in packed:
+        inputs.append(input if unpack is None else unpack(input))
+        weights.append(weight if unpack is None or weight is None else unpack(weight))
+    return inputs, weights
+
+
 class _SynchronizedNormalization(torch.autograd.Function):
     """Every local part's input, weight and bias -> every part's output, one node per layer call.
 
-    Inputs: the :class:`LayerCall`, the number of parts P, then x_1..x_P,
-    weight_1..weight_P, bias_1..bias_P (DataParallel gives every replica its
-    own copy of the parameters). Saves the inputs and weights. The outputs it
-    makes are empty: each part fills its own with :func:`normalize_part`, so
-    replica threads run their normalization kernels side by side.
+    Inputs: the :class:`LayerCall`, the parts' packed tensors (None: no part
+    runs under saved-tensor hooks, so the node saves them itself), the number
+    of parts P, then x_1..x_P, weight_1..weight_P, bias_1..bias_P (DataParallel
+    gives every replica its own copy of the parameters). The outputs it makes
+    are empty: each part fills its own with :func:`normalize_part`, so replica
+    threads run their normalization kernels side by side.
     """
 
     @staticmethod
-    def forward(ctx: Any, call: LayerCall, parts: int, *tensors: Optional[Tensor]) -> tuple[Tensor, ...]:
-        ctx.call, ctx.parts = call, parts
+    def forward(ctx: Any, call: LayerCall, packed: Optional[Sequence[tuple]], parts: int,
+                *tensors: Optional[Tensor]) -> tuple[Tensor, ...]:
+        ctx.call, ctx.parts, ctx.packed = call, parts, packed
         ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in tensors[2 * parts:]]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*tensors[:2 * parts])
+        if packed is None:
+            ctx.save_for_backward(*tensors[:2 * parts])
         return tuple(torch.empty_like(input) for input in tensors[:parts])  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         parts = ctx.parts
-        saved = ctx.saved_tensors
-        if ctx.call.transport is not None and torch.is_grad_enabled():
-            gradients = _gradients_once_differentiable(ctx.call, saved[:parts], saved[parts:], ctx.bias_dtypes,
-                                                       grad_outputs, ctx.needs_input_grad[2:])
+        if ctx.packed is None:
+            saved = ctx.saved_tensors
+            inputs, weights = saved[:parts], saved[parts:]
         else:
-            gradients = _gradients(ctx.call, saved[:parts], saved[parts:], ctx.bias_dtypes, grad_outputs,
-                                   ctx.needs_input_grad[2:])
-        return (None, None, *gradients)
+            inputs, weights = _unpacked(ctx.packed)
+        if ctx.call.transport is not None and torch.is_grad_enabled():
+            gradients = _gradients_once_differentiable(ctx.call, inputs, weights, ctx.bias_dtypes,
+                                                       grad_outputs, ctx.needs_input_grad[3:])
+        else:
+            gradients = _gradients(ctx.call, inputs, weights, ctx.bias_dtypes, grad_outputs,
+                                   ctx.needs_input_grad[3:])
+        return (None, None, None, *gradients)
 
 
 _apply_normalization = super(torch.autograd.Function, _SynchronizedNormalization).apply
@@ -139,9 +176,15 @@ which synchronized calls refuse (dispatch raises a clear error under them)."""
 
 
 def normalize(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
-              biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, ...]:
-    """Every local part's output, made by one autograd node, still to be filled by :func:`normalize_part`."""
-    return _apply_normalization(call, len(inputs), *inputs, *weights, *biases)
+              biases: Sequence[Optional[Tensor]], packed: Optional[Sequence[tuple]] = None) -> tuple[Tensor, ...]:
+    """Every local part's output, made by one autograd node, still to be filled by :func:`normalize_part`.
+
+    ``packed``: every part's :func:`pack_part` result (None for a part without
+    hooks), or None when no part has saved-tensor hooks.
+    """
+    if packed is not None:
+        packed = [(None, input, weight) if part is None else part for part, input, weight in zip(packed, inputs, weights)]
+    return _apply_normalization(call, packed, len(inputs), *inputs, *weights, *biases)
 
 
 def normalize_part(call: LayerCall, output: Tensor, input: Tensor, weight: Optional[Tensor],
@@ -157,10 +200,30 @@ def normalize_part(call: LayerCall, output: Tensor, input: Tensor, weight: Optio
     mean, var = call.mean, call.kernel_var
     if input.device != mean.device:
         mean, var = mean.to(input.device), var.to(input.device)
+    if call.wide and input.dtype == dtype:
+        _normalize_wide(call, output.detach(), input.detach(), mean, weight, bias)
+        return output
     unused = mean.new_empty(0)
     _NORMALIZE_INTO(input.detach(), weight, bias, mean, var, False, 0.0, call.kernel_eps, out=output.detach(),
                     save_mean=unused, save_invstd=unused)
     return output
+
+
+def _normalize_wide(call: LayerCall, output: Tensor, input: Tensor, mean: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor]) -> None:
+    """``(x - mean) * (invstd * weight) + bias``, the mean subtracted first.
+
+    PyTorch's kernel computes ``x * a + b`` with ``b = bias - mean * a``: for
+    a large mean and a small spread, ``x * a`` and ``b`` are large and nearly
+    cancel, losing the digits that matter. Subtracting first is exact there
+    (x and mean are close). Three passes instead of one, for wide inputs only.
+    """
+    shape = channel_view_shape(input)
+    scale = call.invstd.to(input.device) if weight is None else call.invstd.to(input.device) * weight
+    torch.sub(input, mean.view(shape), out=output)
+    output.mul_(scale.view(shape))
+    if bias is not None:
+        output.add_(bias.view(shape))
 
 
 _NORMALIZE_INTO = torch.ops.aten.native_batch_norm.out._op
@@ -168,25 +231,27 @@ _NORMALIZE_INTO = torch.ops.aten.native_batch_norm.out._op
 
 
 def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"], eps: float,
-                inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]], biases: Sequence[Optional[Tensor]]
-                ) -> tuple[LayerCall, tuple[Tensor, ...]]:
+                inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]], biases: Sequence[Optional[Tensor]],
+                packed: Sequence[Optional[tuple]] = ()) -> tuple[LayerCall, tuple[Tensor, ...]]:
     """Every part lives in this process (DataParallel replica threads): merge here, make every part's output."""
     device = moments[0][0].device
     values = []
     for pair in moments:  # on the first part's device (DataParallel's GPUs: every device's own)
         values.extend(pair if pair[0].device == device else (v.to(device) for v in pair))
-    stacked = with_precise_means(torch.stack(values).view(len(moments), 2, -1), inputs)
-    call = LayerCall(chan_merge(tuple(counts), stacked), sum(counts), eps, accumulation_dtype(inputs[0].dtype))
-    return call, normalize(call, inputs, weights, biases)
+    stacked, wide = with_precise_means(torch.stack(values).view(len(moments), 2, -1), inputs)
+    call = LayerCall(chan_merge(tuple(counts), stacked), sum(counts), eps, accumulation_dtype(inputs[0].dtype),
+                     wide=wide)
+    return call, normalize(call, inputs, weights, biases, None if packed.count(None) == len(packed) else packed)
 
 
 def merge_over(transport: MomentsTransport, input: Tensor, count: int, moments: "tuple[Tensor, Tensor]",
                eps: float) -> LayerCall:
     """This process's one part, its peers other processes reached through ``transport``: the whole
     batch's statistics (then :func:`normalize` and :func:`normalize_part`)."""
-    local = with_precise_means(torch.stack(moments).unsqueeze(0), (input,))[0]
-    counts, gathered = transport.gather(count, local[0], local[1])
-    return LayerCall(chan_merge(tuple(counts), gathered), sum(counts), eps, accumulation_dtype(input.dtype), transport)
+    local, wide = with_precise_means(torch.stack(moments).unsqueeze(0), (input,))
+    counts, gathered = transport.gather(count, local[0, 0], local[0, 1])
+    return LayerCall(chan_merge(tuple(counts), gathered), sum(counts), eps, accumulation_dtype(input.dtype), transport,
+                     wide)
 
 
 # -- backward: the one formula -------------------------------------------------------
@@ -226,10 +291,11 @@ def _gradients(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Opti
         # per channel, for every part at once (each replica has its own copy of the weight).
         scales = (invstd.expand(parts, -1) if weights[0] is None else
                   invstd * torch.stack([w.to(device=home, dtype=invstd.dtype) for w in weights]))  # type: ignore[union-attr]
-        per_xhat = sum_dy_xhat * invstd * (-1.0 / call.total)  # type: ignore[operator]
+        per_value = -1.0 / call.total if call.total else 0.0  # an empty batch: nothing to spread
+        per_xhat = sum_dy_xhat * invstd * per_value  # type: ignore[operator]
         if call.var_mask is not None:  # 'clamp': a clamped variance gets no gradient
             per_xhat = per_xhat * call.var_mask
-        slopes, offsets = scales * per_xhat, scales * (sum_dy * (-1.0 / call.total))
+        slopes, offsets = scales * per_xhat, scales * (sum_dy * per_value)
         for index, (input, grad) in enumerate(zip(inputs, grad_outputs)):
             if needs[index]:
                 results[index] = _input_gradient(input, grad, mean, scales[index], slopes[index], offsets[index],
@@ -253,8 +319,9 @@ def _differentiable_statistics(call: LayerCall, inputs: Sequence[Tensor]) -> tup
     """(mean, invstd) recomputed from every local part's input with differentiable ops."""
     device, dtype = call.mean.device, call.mean.dtype
     values = [x.to(device=device, dtype=dtype) for x in inputs]
-    mean = sum(x.sum(reduction_dims(x)) for x in values) / call.total
-    var = sum((x - mean.view(channel_view_shape(x))).square().sum(reduction_dims(x)) for x in values) / call.total
+    total = call.total or 1  # an empty batch: zero sums
+    mean = sum(x.sum(reduction_dims(x)) for x in values) / total
+    var = sum((x - mean.view(channel_view_shape(x))).square().sum(reduction_dims(x)) for x in values) / total
     var = var.clamp(min=call.eps) if call.var_mask is not None else var
     return mean, (var + call.kernel_eps).rsqrt()
 

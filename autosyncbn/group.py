@@ -15,12 +15,14 @@ instead of side by side), or at the deadline.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from torch import Tensor
+from torch._utils import ExceptionWrapper
 
 from .errors import PeerFailedError, ReplicaMismatchError, SyncBatchNormError, SyncTimeoutError
 from .functional import LayerCall, merge_parts
@@ -31,8 +33,44 @@ POLL_SECONDS = 0.25
 START_GRACE_SECONDS = 10.0
 """How long a replica waits for a peer whose forward has not started before calling it a sequential run."""
 
-Contribution = "tuple[int, int, int, tuple[Tensor, Tensor], Tensor, Optional[Tensor], Optional[Tensor], float]"
-"""(layer index, channels, value count, (mean, var), input, weight, bias, eps) of one replica's call."""
+class Contribution(NamedTuple):
+    """What one replica brings to one synchronized call (see :func:`contribution`)."""
+
+    layer: int  # its index in the replica's module tree
+    channels: int
+    count: int  # values per channel in this slice
+    moments: "tuple[Tensor, Tensor]"  # (mean, biased var) of this slice
+    input: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+    packed: Any  # functional.pack_part's result in the replica's thread, or None (no saved-tensor hooks)
+
+
+contribution = functools.partial(tuple.__new__, Contribution)
+"""``contribution((layer, channels, ...))``: a :class:`Contribution` made in C, no Python frame
+(NamedTuple's own ``__new__`` is Python, and this runs for every replica's every call)."""
+
+
+class ReplicaFailure(NamedTuple):
+    """A replica's error as text (PyTorch's ``ExceptionWrapper``): the group holds no live
+    exception, whose traceback would reach the replica's frames and keep its activations alive."""
+
+    description: str
+    wrapper: ExceptionWrapper
+
+    def rebuilt(self) -> BaseException:
+        """A new exception of the replica's type, its message the original traceback (as DataParallel does)."""
+        wrapper = self.wrapper
+        message = f"Caught {wrapper.exc_type.__name__} {wrapper.where}.\nOriginal {wrapper.exc_msg}"
+        try:
+            return wrapper.exc_type(message)
+        except Exception:
+            return RuntimeError(message)
+
+
+_columns = contribution
+"""Every replica's contributions to one call, transposed: ``.layer`` is every replica's layer, and so on."""
 
 
 class _Slot:
@@ -65,11 +103,14 @@ class ReplicaGroup:
         self.depth = [0] * num_replicas  # calls of the replica's root in progress (a forward may call it again)
         self.started = [False] * num_replicas
         self.done = [False] * num_replicas
-        self.errors: list[Optional[BaseException]] = [None] * num_replicas
+        self.errors: list[Optional[ReplicaFailure]] = [None] * num_replicas
         self.outer: list = [None] * num_replicas  # what the thread ran before this replica started
         self.outer_errors: list[Optional[BaseException]] = [None] * num_replicas
         self.entered: list[list] = [[] for _ in range(num_replicas)]  # autocast contexts entered by its start
-        self.seen: set = set()  # replica 0's layer indices whose calls reached autosyncbn
+        self.seen: set = set()  # ids of replica 0's running_mean buffers whose calls reached autosyncbn
+        # Synchronized calls made under saved-tensor hooks (activation checkpointing), per
+        # (replica, layer): [(slice mean, LayerCall)], replayed when the call is recomputed.
+        self.recorded: dict = {}
         self.watched: list = []  # replica 0's layers to check at its end (see replicas.py)
         self._layer_names = layer_names
         self._names: Optional[list] = None
@@ -88,24 +129,29 @@ class ReplicaGroup:
 
     # -- the start and end of each replica's forward, reported by its hooks -----
     def replica_finished(self, replica: int, error: Optional[BaseException] = None) -> None:
-        """Mark a replica's forward as ended; peers waiting for a call it never made wake at once."""
+        """Mark a replica's forward as ended; peers waiting for a call it never made wake at once.
+
+        Called in the replica's thread while ``error`` is being handled (an always-called hook).
+        """
+        failure = None if error is None else ReplicaFailure(_describe(error), ExceptionWrapper(
+            (type(error), error, error.__traceback__), where=f"in replica {replica}"))
         with self._lock:
             if self.done[replica]:
                 return
-            self.done[replica], self.errors[replica] = True, error
+            self.done[replica], self.errors[replica] = True, failure
             opened = [slot for slot in self._slots.values() if slot.contributions[replica] is None]
             self._unfinished -= 1
             last = self._unfinished == 0
         for slot in opened:
             self._open(slot)
-        if last:
+        if last and not self.recorded:  # a recorded forward may still be recomputed: held until it is gone
             self.on_finished()
 
-    def root_failure(self) -> Optional[tuple[int, BaseException]]:
+    def root_failure(self) -> Optional[ReplicaFailure]:
         """The first replica error that is not about synchronization itself (the real cause)."""
-        for index, error in enumerate(self.errors):
-            if error is not None and not isinstance(error, SyncBatchNormError):
-                return index, error
+        for failure in self.errors:
+            if failure is not None and not issubclass(failure.wrapper.exc_type, SyncBatchNormError):
+                return failure
         return None
 
     # -- one synchronized call -------------------------------------------------------
@@ -168,7 +214,8 @@ class ReplicaGroup:
 
     def _complete(self, call: int, slot: _Slot) -> None:
         """The last replica to arrive: check that all agree, then merge for all."""
-        layers, channels, counts, moments, inputs, weights, biases, eps = zip(*slot.contributions)
+        parts = _columns(zip(*slot.contributions))
+        layers, channels = parts.layer, parts.channels
         if len(set(layers)) > 1 or len(set(channels)) > 1:
             detail = ", ".join(f"replica {i}: '{self.layer_name(layer)}' with {width} channels"
                                for i, (layer, width) in enumerate(zip(layers, channels)))
@@ -177,7 +224,8 @@ class ReplicaGroup:
             slot.error = lambda replica: ReplicaMismatchError(f"in replica {replica}: {message}")
             return
         try:
-            slot.results = merge_parts(counts, moments, eps[0], inputs, weights, biases)
+            slot.results = merge_parts(parts.count, parts.moments, parts.eps[0], parts.input, parts.weight,
+                                       parts.bias, parts.packed)
         except Exception as error:  # surfaced in every replica, never left waiting
             detail = (f"merging statistics at BatchNorm call {call} (layer '{self.layer_name(layers[0])}') "
                       f"failed: {_describe(error)}")
@@ -190,13 +238,13 @@ class ReplicaGroup:
         waited = time.monotonic() - since
         missing = [i for i, c in enumerate(slot.contributions) if c is None]
         for peer in missing:
-            error = self.errors[peer]
-            if error is not None:
+            failure = self.errors[peer]
+            if failure is not None:
                 # The peer's error is described, not chained: a runner that re-raises it
                 # while handling this one must not make a cycle of __cause__/__context__.
                 raise PeerFailedError(
                     f"replica {replica} was waiting at BatchNorm call {call} (layer '{layer}'), but "
-                    f"replica {peer} raised after {self.calls[peer]} BatchNorm call(s): {_describe(error)}")
+                    f"replica {peer} raised after {self.calls[peer]} BatchNorm call(s): {failure.description}")
             if self.done[peer]:
                 raise ReplicaMismatchError(
                     f"replicas made different numbers of BatchNorm calls: replica {replica} reached "

@@ -6,10 +6,12 @@ is an ``nn.Module`` (``_BatchNorm.forward``, timm's ``BatchNormAct2d``, a
 conditional BatchNorm's forward) is the owner. Its qualified name comes from
 ``convert_model`` when that named it, else from the chain of modules on the
 stack (each one found among its caller's children), cached on the module.
-Frames are read where a call synchronizes or is reported, and, to catch
-replicas autosyncbn did not prepare, for training calls outside every replica
-made from a worker thread or inside backward; never for a call in the main
-thread outside backward when no process group is asked for.
+The caller's frame is read for every training call except those
+``dispatch.nothing_to_synchronize`` lets through first (the main thread, no
+DataParallel forward registered, no ``install(distributed=True)``, no
+``sync_report`` open); the walk up the stack and the qualified name only for
+calls made by a function rather than a module, and for calls that
+synchronize or are reported.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ class DataParallelWithCallback(nn.DataParallel):
 
     def replicate(self, module: nn.Module, device_ids: Sequence[Any]) -> list:
         replicas = super().replicate(module, device_ids)
-        register(replicas, explicit_plan(getattr(self, "sync_timeout", DEFAULT_TIMEOUT)))
+        register(replicas, explicit_plan(getattr(self, "sync_timeout", DEFAULT_TIMEOUT)), module)
         return replicas
 
 
@@ -71,7 +71,7 @@ class _ReplicateWithCallback:
 
     def __call__(self, module: nn.Module, device_ids: Sequence[Any]) -> list:
         replicas = type(self.data_parallel).replicate(self.data_parallel, module, device_ids)
-        register(replicas, self.plan)
+        register(replicas, self.plan, module)
         return replicas
 
 

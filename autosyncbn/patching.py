@@ -30,13 +30,14 @@ import contextlib
 import sys
 from typing import Any, Callable, Iterator, Optional
 
+import torch
 import torch.nn.parallel
+import torch.utils.checkpoint as checkpoint_module
 from torch import nn
 
 from . import report, settings
 from .dispatch import FUNCTIONAL_BATCH_NORM
-from .errors import PeerFailedError
-from .replicas import plan_of, register, reraise_root_failure
+from .replicas import plan_of, register, reraise_replica_error, running_replica, warn_unregistered
 from .settings import DEFAULT_TIMEOUT, LayerFilter, Options
 from .wrapping import Patch, SharedPatches
 
@@ -44,17 +45,42 @@ from .wrapping import Patch, SharedPatches
 def _wrap_replicate(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """``replicate(network, devices, ...)``: register the replicas under this thread's options."""
     replicas = wrapped(*args, **kwargs)
-    register(replicas, plan_of(settings.current()))
+    register(replicas, plan_of(settings.current()), args[0] if args else kwargs.get("network"))
     return replicas
 
 
 def _wrap_parallel_apply(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """``parallel_apply(modules, inputs, ...)``: the caller sees the failing replica's own error."""
+    """``parallel_apply(modules, inputs, ...)``: a DataParallel's modules not made by ``replicate``
+    are warned about; the caller sees the failing replica's own error."""
+    modules = args[0] if args else kwargs.get("modules", ())
+    if isinstance(sys._getframe(1).f_locals.get("self"), nn.DataParallel):  # not an ensemble of models
+        warn_unregistered(modules)
     try:
         return wrapped(*args, **kwargs)
-    except PeerFailedError as error:
-        reraise_root_failure(args[0] if args else kwargs.get("modules", ()), error)
-        raise
+    except BaseException as error:
+        reraise_replica_error(modules, error)
+
+
+def _wrap_reentrant_checkpoint(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``CheckpointFunction.apply(function, preserve_rng_state, *inputs)``: reentrant checkpointing,
+    run as PyTorch's non-reentrant checkpoint inside synchronized replicas.
+
+    A reentrant checkpoint records no graph in forward and runs each replica's
+    recomputed segment with a backward of its own, one replica after another on
+    the CPU: no replica's gradient could then include the statistics' gradient,
+    which needs every replica's. The non-reentrant variant computes the same
+    gradients and keeps the forward's graph, whose synchronized nodes span every
+    replica; its recompute replays each call's whole-batch statistics.
+    """
+    running = running_replica()
+    if running is None or running[0].num_replicas < 2 or kwargs:
+        return wrapped(*args, **kwargs)
+    function, preserve_rng_state, *inputs = args
+    if not any(isinstance(value, torch.Tensor) and value.requires_grad for value in inputs):
+        with torch.no_grad():  # as the reentrant variant: no input needs a gradient, nothing is recorded
+            return function(*inputs)
+    return checkpoint_module.checkpoint(function, *inputs, use_reentrant=False,
+                                        preserve_rng_state=preserve_rng_state)
 
 
 def _patch_table() -> list[Patch]:
@@ -67,6 +93,7 @@ def _patch_table() -> list[Patch]:
         *[Patch(owner, "replicate", wrapper=_wrap_replicate) for owner in (data_parallel, replicate, torch.nn.parallel)],
         *[Patch(owner, "parallel_apply", wrapper=_wrap_parallel_apply)
           for owner in (data_parallel, parallel_apply, torch.nn.parallel)],
+        Patch(checkpoint_module.CheckpointFunction, "apply", wrapper=_wrap_reentrant_checkpoint),
     ]
 
 

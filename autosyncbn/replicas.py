@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
@@ -83,13 +83,14 @@ def plan_of(options: Optional[settings.Options]) -> Optional[ReplicaPlan]:
                        distributed=options.distributed, process_group=options.process_group)
 
 
-_live = [0]  # forwards registered and not yet ended
+LIVE = [0]
+"""Forwards registered and not yet ended (or still recomputable): read without the lock."""
 _live_lock = threading.Lock()
 
 
 def live_groups() -> int:
     """How many registered forwards have a replica still running (or not yet started)."""
-    return _live[0]
+    return LIVE[0]
 
 
 def running_replica() -> "Optional[tuple[ReplicaGroup, int]]":
@@ -123,8 +124,11 @@ def _names_of(root: "weakref.ref[nn.Module]") -> Callable[[], list]:
     return names
 
 
-def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None:
-    """Seat every replica's modules in one new group for this forward (see the module docstring)."""
+def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan], network: Optional[nn.Module] = None) -> None:
+    """Seat every replica's modules in one new group for this forward (see the module docstring).
+
+    ``network``: the module the replicas were made from (a TorchScript replica hides its layers).
+    """
     if plan is None or not replicas:
         return
     if _registered(replicas):  # DataParallel.replicate calls replicate(): registered by the inner hook
@@ -140,7 +144,7 @@ def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None
     group.autocast = _autocast_state()
     group.on_finished = weakref.finalize(group, _forward_ended, settings.hold_patches())
     with _live_lock:
-        _live[0] += 1
+        LIVE[0] += 1
     contexts: dict[int, CallbackContext] = {}
     first_buffers: set[int] = set()
     for replica, root in enumerate(replicas):
@@ -150,6 +154,8 @@ def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None
             if not isinstance(buffers, dict):  # a scripted module: TorchScript's own view of its buffers
                 buffers = {}
             if replica == 0:
+                if isinstance(module, torch.jit.ScriptModule):
+                    _warn_scripted(group, index, network)
                 for buffer in buffers.values():
                     first_buffers.add(id(buffer))
                 steps = buffers.get("num_batches_tracked")
@@ -165,6 +171,47 @@ def register(replicas: Sequence[nn.Module], plan: Optional[ReplicaPlan]) -> None
         _hook(root)
 
 
+def _warn_scripted(group: ReplicaGroup, index: int, network: Optional[nn.Module]) -> None:
+    """A scripted or traced module's BatchNorm layers normalize inside TorchScript, where autosyncbn
+    cannot reach (its replica shows none of them: they are read from ``network``)."""
+    name = group.layer_name(index)
+    try:
+        scripted = network if name == "<root>" else network.get_submodule(name)  # type: ignore[union-attr]
+    except AttributeError:
+        return
+    for path, buffer in scripted.named_buffers():
+        if not path.endswith("running_mean") or not scripted.training:
+            continue
+        layer = ".".join(part for part in (name if name != "<root>" else "", path[:-len(".running_mean")]) if part)
+        report.warn_once(
+            f"scripted:{layer}",
+            f"BatchNorm layer '{layer}' is TorchScript (torch.jit.script or trace): its statistics are "
+            f"computed inside TorchScript, which autosyncbn cannot reach, so it normalizes per slice in "
+            f"DataParallel replicas. Run the model unscripted inside DataParallel (script it for export).")
+        if report.recording():
+            report.record(layer, False, "TorchScript: cannot synchronize", 0)
+
+
+def warn_unregistered(modules: Sequence[nn.Module]) -> None:
+    """A DataParallel runs modules side by side that ``replicate`` did not make (its ``replicate``
+    deep-copies the module, or the replicas were made before ``install()``): warn, under ``install()``."""
+    if len(modules) < 2 or SEAT in modules[0].__dict__ or not settings.active():
+        return
+    if len({id(module) for module in modules}) < 2:
+        return
+    for name, layer in modules[0].named_modules():
+        if isinstance(layer, _BatchNorm) and layer.training and not layer.__dict__.get(EXCLUDED_ATTRIBUTE, False):
+            name = name or "<root>"
+            report.warn_once(
+                f"unprepared:{name}",
+                f"BatchNorm layer '{name}' ran in modules that parallel_apply runs side by side, but "
+                f"they were not made by torch.nn.parallel.replicate (a DataParallel whose replicate "
+                f"deep-copies the module, or replicas made before install()): autosyncbn cannot tell "
+                f"that they are replicas of one model, so it normalized per slice.")
+            if report.recording():
+                report.record(name, False, "replica not made by torch.nn.parallel.replicate", 0)
+
+
 def _registered(replicas: Sequence[nn.Module]) -> bool:
     """Whether these replicas hold the seats of one group (a copy of a module copies its seat too)."""
     seat = replicas[0].__dict__.get(SEAT)
@@ -176,7 +223,7 @@ def _registered(replicas: Sequence[nn.Module]) -> bool:
 def _forward_ended(release_patches: Callable[[], None]) -> None:
     """At the last replica's end, or when the replicas are gone without running."""
     with _live_lock:
-        _live[0] -= 1
+        LIVE[0] -= 1
     release_patches()
 
 
@@ -220,9 +267,11 @@ def _replica_ended(root: nn.Module, args: Any, result: Any) -> None:
         entered.pop().__exit__(None, None, None)
     RUNNING.replica, group.outer[replica] = group.outer[replica], None
     error = sys.exc_info()[1]
-    group.replica_finished(replica, error if error is not group.outer_errors[replica] else None)
+    if error is group.outer_errors[replica]:
+        error = None
     group.outer_errors[replica] = None
-    if replica == 0 and group.watched:
+    group.replica_finished(replica, error)
+    if replica == 0 and group.watched and error is None:  # a failed forward may have stopped before a call
         _warn_unreached(group)
 
 
@@ -230,7 +279,8 @@ def _warn_unreached(group: ReplicaGroup) -> None:
     """Replica 0's layers that counted a training step without reaching autosyncbn."""
     for layer_ref, version, index in group.watched:
         layer = layer_ref()
-        if layer is None or layer._buffers["num_batches_tracked"]._version == version or index in group.seen:
+        if (layer is None or layer._buffers["num_batches_tracked"]._version == version
+                or id(layer._buffers.get("running_mean")) in group.seen):
             continue
         name = group.layer_name(index)
         plan = group.plan
@@ -246,18 +296,37 @@ def _warn_unreached(group: ReplicaGroup) -> None:
             report.record(name, False, "not reached: did not call F.batch_norm", 0)
 
 
+def reraise_replica_error(replicas: Sequence[Any], error: BaseException) -> NoReturn:
+    """Re-raise the error a runner re-raised for a replica (``ExceptionWrapper.reraise``).
+
+    A replica that only saw a peer fail gives way to the peer's own error
+    (:func:`reraise_root_failure`). The runner's frames are dropped from the
+    traceback: PyTorch's ``reraise`` frame holds the error itself, a cycle that
+    would keep every replica's activations alive until the garbage collector
+    runs. The message holds the replica's own traceback.
+    """
+    error.__traceback__ = None
+    try:
+        if isinstance(error, PeerFailedError):
+            reraise_root_failure(replicas, error)
+        raise error
+    finally:
+        error = None  # type: ignore[assignment]
+
+
 def reraise_root_failure(replicas: Sequence[Any], peer_error: PeerFailedError) -> None:
     """A runner re-raised a replica that only saw a peer fail: raise the peer's own error instead.
 
-    The caller then catches what really happened (an out-of-memory error, say),
-    with this ``PeerFailedError`` chained once.
+    The caller then catches what really happened (an out-of-memory error, say,
+    as a new exception of its type whose message holds the replica's traceback,
+    as DataParallel gives it), with this ``PeerFailedError`` chained once.
     """
     seat = replicas[0].__dict__.get(SEAT) if replicas else None
-    root = seat[0].root_failure() if seat is not None else None
-    if root is None:
+    failure = seat[0].root_failure() if seat is not None else None
+    if failure is None:
         return
-    index, error = root
-    if hasattr(error, "add_note") and not getattr(error, "_autosyncbn_noted", False):
-        error._autosyncbn_noted = True  # type: ignore[attr-defined]
-        error.add_note(f"(raised in DataParallel replica {index}; autosyncbn stopped its peers at once)")
-    raise error from peer_error
+    error = failure.rebuilt()
+    try:
+        raise error from peer_error
+    finally:  # this frame is in the error's traceback: no cycle through its locals
+        error = peer_error = None  # type: ignore[assignment]

@@ -119,11 +119,15 @@ class Patch:
             return
         namespace = vars(self.owner)
         self._owned = self.attribute in namespace
-        self._original = namespace[self.attribute] if self._owned else getattr(self.owner, self.attribute)
+        # Only the owner's own attribute is kept, to put back: an inherited one is deleted on
+        # restore, and keeping it (bound, maybe another library's proxy) would stop copies and
+        # pickles of an instance that holds this patch.
+        self._original = namespace[self.attribute] if self._owned else _MISSING
         if self.replacement is not None:
             installed: Any = self.replacement
         else:
-            installed = _AutosyncbnWrapper(self._original, self.wrapper, enabled=self._on.__len__)
+            target = self._original if self._owned else getattr(self.owner, self.attribute)
+            installed = _AutosyncbnWrapper(target, self.wrapper, enabled=self._on.__len__)
         setattr(self.owner, self.attribute, installed)
         self._installed = installed
         self.active = True
