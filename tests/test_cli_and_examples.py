@@ -45,6 +45,47 @@ def test_check_fails_on_a_mismatch(capsys, monkeypatch):
     assert "MISMATCH" in capsys.readouterr().out
 
 
+NO_SAMPLE = "with no sample there is nothing to compare"
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["check", "--replicas", "0"], "argument --replicas: must be at least 1, got 0"),
+    (["check", "--replicas", "2.5"], "argument --replicas: expected a whole number of replicas, got '2.5'"),
+    (["check", "--batch", "0"], f"argument --batch: must be at least 1, got 0: {NO_SAMPLE}"),
+    (["check", "--batch", "-4"], f"argument --batch: must be at least 1, got -4: {NO_SAMPLE}"),
+    (["check", "--tolerance", "-1"], "argument --tolerance: must be a finite number >= 0, got -1"),
+    (["check", "--tolerance", "nan"], "argument --tolerance: must be a finite number >= 0, got nan"),
+    (["check", "--tolerance", "inf"], "argument --tolerance: must be a finite number >= 0, got inf"),
+    (["demo", "--replicas", "0"], "argument --replicas: must be at least 1, got 0"),
+    (["demo", "--per-replica", "1"], "argument --per-replica: must be at least 2, got 1: the per-replica run's "
+                                     "BatchNorm1d cannot normalize one value per channel in training"),
+    (["demo", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+])
+def test_values_that_cannot_run_are_usage_errors(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: python -m autosyncbn " + arguments[0])
+    assert error.splitlines()[-1] == f"python -m autosyncbn {arguments[0]}: error: {message}"
+
+
+def test_check_accepts_one_replica_and_a_batch_of_one(capsys):
+    """Either runs one replica, on PyTorch's own path, and matches one device."""
+    assert main(["check", "--replicas", "3", "--batch", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "a batch of 1 runs only 1 replica(s)" in printed and "a single replica" in printed
+    assert main(["check", "--replicas", "1", "--batch", "4"]) == 0
+    assert "all match" in capsys.readouterr().out
+
+
+def test_a_bad_value_exits_2_from_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "autosyncbn", "check", "--batch", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: argument --batch: must be at least 1, got 0" in result.stderr
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "ddp_cpu.py"))
 def test_example_runs(example):

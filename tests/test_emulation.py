@@ -94,3 +94,98 @@ def test_functional_form_matches_the_module_form():
     model = Recorder(log)
     out = emulated_data_parallel(model, torch.ones(6, 2), num_replicas=3, module_kwargs={"scale": 3.0})
     assert torch.equal(out, torch.full((6, 2), 3.0)) and len(log) == 3
+
+
+openmp_only = pytest.mark.skipif(
+    "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="only PyTorch's OpenMP backend gives every thread its own team of intra-op threads")
+
+
+class CountsThreads(nn.Module):
+    """Records torch.get_num_threads() in each replica's forward; can wait for peers, or fail in one replica."""
+
+    def __init__(self, barrier: "threading.Barrier | None" = None, fail: bool = False) -> None:
+        super().__init__()
+        self.seen: list = []
+        self.barrier = barrier
+        self.fail = fail
+
+    def forward(self, x):
+        self.seen.append(torch.get_num_threads())
+        if self.barrier is not None:
+            self.barrier.wait()
+        if self.fail and x.shape[0] == 1:
+            raise KeyError("the small slice fails")
+        return x * 2
+
+
+def _in_a_new_thread(function):
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(function()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.fixture
+def four_intra_op_threads():
+    """A pool of 4 whatever the machine has, so the shares below are the same everywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_four_threads_again():
+    """Back in the caller, and in threads started afterwards (the process-wide value)."""
+    assert torch.get_num_threads() == 4
+    assert _in_a_new_thread(torch.get_num_threads) == 4
+
+
+@openmp_only
+@pytest.mark.parametrize("replicas,share", [(2, 2), (4, 1), (8, 1)])
+def test_replicas_share_the_intra_op_threads_and_the_count_comes_back(four_intra_op_threads, replicas, share):
+    model = CountsThreads()
+    EmulatedDataParallel(model, replicas)(torch.ones(replicas, 3, requires_grad=True)).sum().backward()
+    assert model.seen == [share] * replicas
+    assert_four_threads_again()
+
+
+@openmp_only
+def test_the_thread_count_comes_back_when_a_replica_raises(four_intra_op_threads):
+    model = CountsThreads(fail=True)
+    with pytest.raises(KeyError, match="the small slice fails"):
+        EmulatedDataParallel(model, 4)(torch.ones(10, 1))
+    assert model.seen == [1] * 4
+    assert_four_threads_again()
+
+
+@openmp_only
+def test_concurrent_emulated_forwards_share_the_threads_and_restore_once_both_end(four_intra_op_threads):
+    """The second forward to start shares the pool with the first; callers keep their own count."""
+    replicas_meet = threading.Barrier(4, timeout=60)
+    callers_meet = threading.Barrier(2, timeout=60)
+    models = [CountsThreads(replicas_meet), CountsThreads(replicas_meet)]
+    after: dict = {}
+
+    def caller(index: int) -> None:
+        torch.get_num_threads()  # a thread that used torch before, as callers do
+        callers_meet.wait()
+        EmulatedDataParallel(models[index], 2)(torch.ones(4, 3))
+        after[index] = torch.get_num_threads()
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    # One forward started alone (4 threads // 2 replicas), the other beside it (4 // 4).
+    assert sorted(models[0].seen + models[1].seen) == [1, 1, 2, 2]
+    assert after == {0: 4, 1: 4}
+    assert_four_threads_again()
+
+
+def test_a_single_replica_runs_in_the_callers_thread_with_its_whole_pool():
+    model = CountsThreads()
+    EmulatedDataParallel(model, 4)(torch.ones(1, 3))
+    assert model.seen == [torch.get_num_threads()]

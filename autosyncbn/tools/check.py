@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -107,11 +109,48 @@ def overhead(replicas: int, batch: int, repeats: int = 15) -> float:
     return statistics.median(times[True]) / statistics.median(times[False])
 
 
+def count_argument(noun: str, minimum: int = 1, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum``, so a bad value is a usage error, not a traceback."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {noun}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}{why}")
+        return value
+
+    return parse
+
+
+def _tolerance(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0 (a negative one would fail every layer)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``check``; values that cannot run end in a usage error (exit code 2).
+
+    ``--batch 1`` and ``--replicas 1`` are accepted: DataParallel gives every
+    replica at least one sample, so either runs one replica, which takes
+    PyTorch's own path (the report says so) and must match one device exactly.
+    An empty batch has nothing to compare and is refused.
+    """
     default = torch.cuda.device_count() if torch.cuda.device_count() > 1 else 4
-    parser.add_argument("--replicas", type=int, default=default, help=f"replicas (default {default})")
-    parser.add_argument("--batch", type=int, default=10, help="whole batch (default 10: uneven slices)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error allowed")
+    parser.add_argument("--replicas", type=count_argument("replicas"), default=default,
+                        help=f"replicas (default {default})")
+    parser.add_argument("--batch", type=count_argument("samples", why=": with no sample there is nothing to compare"),
+                        default=10, help="whole batch of 12x12 images (default 10: uneven slices); "
+                                         "DataParallel runs min(batch, replicas) replicas")
+    parser.add_argument("--tolerance", type=_tolerance, default=1e-4,
+                        help="largest relative error allowed (default 1e-4)")
 
 
 def what_synchronized(replicas: int, batch: int) -> SyncReport:
@@ -128,6 +167,9 @@ def main(args: argparse.Namespace) -> int:
     where = (f"{torch.cuda.device_count()} CUDA device(s): {torch.cuda.get_device_name(0)}"
              if torch.cuda.is_available() else "no GPU: emulated CPU replicas")
     print(f"autosyncbn check: {args.replicas} replicas, batch {args.batch}, on {where}")
+    if args.batch < args.replicas:
+        print(f"(a batch of {args.batch} runs only {args.batch} replica(s): DataParallel gives each "
+              f"at least one sample)")
     print("what synchronized in one forward (the last layer set to eval mode):")
     print(what_synchronized(args.replicas, args.batch))
     print()

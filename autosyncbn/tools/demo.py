@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import patching
+from .check import count_argument
 from .testing import EmulatedDataParallel
 
 RUNS = ("reference", "per-replica", "autosyncbn")
@@ -194,9 +195,16 @@ def machine_description() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--replicas", type=int, default=8, help="replicas (default 8)")
-    parser.add_argument("--per-replica", type=int, default=2, help="samples per replica (default 2)")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
+    """Options of ``demo``; values that cannot run end in a usage error (exit code 2).
+
+    ``--per-replica`` needs 2: the per-replica run normalizes each slice alone,
+    and its ``BatchNorm1d`` cannot normalize one value per channel in training.
+    """
+    parser.add_argument("--replicas", type=count_argument("replicas"), default=8, help="replicas (default 8)")
+    one_value = ": the per-replica run's BatchNorm1d cannot normalize one value per channel in training"
+    parser.add_argument("--per-replica", type=count_argument("samples", minimum=2, why=one_value),
+                        default=2, help="samples per replica (default 2, the least)")
+    parser.add_argument("--epochs", type=count_argument("epochs"), default=8, help="epochs (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="autosyncbn_demo", help="folder for the plot and JSON")
 

@@ -16,6 +16,7 @@ Real processes: ``autosyncbn.processes.run_ranks``; fixtures for pytest:
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Mapping
@@ -25,9 +26,8 @@ import torch
 from torch import nn
 from torch._utils import ExceptionWrapper
 
-from ..errors import PeerFailedError
 from ..parallel import DataParallelWithCallback
-from ..replicas import reraise_root_failure
+from ..replicas import reraise_replica_error, warn_unregistered
 from ..settings import DEFAULT_TIMEOUT, checked_timeout
 from ..wrapping import Patch, SharedPatches
 
@@ -159,6 +159,18 @@ class EmulatedDataParallel(nn.DataParallel):
     batch (fewer replicas when the batch is smaller), same replication code,
     one thread per replica, outputs concatenated along ``dim``.
 
+    The replicas share the cores instead of each using them all: with
+    PyTorch's OpenMP backend each replica thread runs its forward with
+    ``torch.get_num_threads() // N`` intra-op threads (at least 1), where N
+    counts the replica threads of every emulated forward running when it starts.
+    ``torch.set_num_threads`` is partly process-wide, so while any emulated
+    forward runs, threads started meanwhile and MKL see the smaller value too;
+    the value from before comes back when the last one ends, also when it
+    raises. Backward runs in the caller's thread, with the whole pool. An op
+    whose result depends on the thread count (PyTorch's own BatchNorm1d on
+    (N, C) inputs, for one) can differ in the last bit from the same op run in
+    the caller: compare with a tolerance, or run the reference the same way.
+
     Args:
         module (Module): the module to replicate (on the CPU)
         num_replicas (int): how many devices to emulate. Default: 2
@@ -242,14 +254,56 @@ def emulated_data_parallel(module: nn.Module, inputs: Any, num_replicas: int = 2
     return EmulatedDataParallel(module, num_replicas, dim)(*inputs, **(module_kwargs or {}))
 
 
+@functools.lru_cache(maxsize=None)
+def _openmp_backend() -> bool:
+    """Whether each thread running an op gets its own OpenMP team (a native thread pool is shared anyway)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+_threads_lock = threading.Lock()
+_replicas_running = 0  # replica threads of emulated forwards now running, all callers together
+_threads_before = 0  # torch.get_num_threads() before the first of them started
+
+
+@contextlib.contextmanager
+def _intra_op_threads_shared(replicas: int) -> Iterator[int]:
+    """Yield how many intra-op threads each of ``replicas`` new replica threads may use.
+
+    With OpenMP every thread that runs an op gets a team of
+    ``torch.get_num_threads()``, so N replica threads would run N times as many
+    threads as there are cores. ``torch.set_num_threads`` in a replica thread
+    bounds that thread's team, and also sets a process-wide value (which new
+    threads and MKL read): the value from before is put back when the last
+    emulated forward running in the process ends, however it ends.
+    """
+    global _replicas_running, _threads_before
+    torch.get_num_threads()  # pin the caller's own team size before the process-wide value changes
+    with _threads_lock:
+        if _replicas_running == 0:
+            _threads_before = torch.get_num_threads()
+        _replicas_running += replicas
+        share = max(1, _threads_before // _replicas_running)
+    try:
+        yield share
+    finally:
+        with _threads_lock:
+            _replicas_running -= replicas
+            if _replicas_running == 0:
+                torch.set_num_threads(_threads_before)
+
+
 def _parallel_apply_on_cpu(replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Sequence[dict]) -> list:
-    """One thread per replica, as ``torch.nn.parallel.parallel_apply`` runs them."""
+    """One thread per replica, as ``torch.nn.parallel.parallel_apply`` runs them (and as
+    autosyncbn's patch of it: replicas not made by ``replicate`` are warned about)."""
+    warn_unregistered(replicas)
     results: dict[int, Any] = {}
     grad_enabled = torch.is_grad_enabled()
     autocast_enabled = torch.is_autocast_enabled("cpu")
     autocast_dtype = torch.get_autocast_dtype("cpu")
 
-    def worker(index: int, replica: nn.Module, args: Any, kw: dict) -> None:
+    def worker(index: int, replica: nn.Module, args: Any, kw: dict, threads: Optional[int] = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
         torch.set_grad_enabled(grad_enabled)
         try:
             with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_enabled):
@@ -260,14 +314,16 @@ def _parallel_apply_on_cpu(replicas: Sequence[nn.Module], inputs: Sequence[Any],
             results[index] = ExceptionWrapper(where=f"in replica {index} on device cpu")
 
     if len(replicas) > 1:
-        threads = [
-            threading.Thread(target=worker, args=(i, r, a, k), name=f"autosyncbn-replica-{i}")
-            for i, (r, a, k) in enumerate(zip(replicas, inputs, kwargs))
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        bounded = _intra_op_threads_shared(len(replicas)) if _openmp_backend() else contextlib.nullcontext()
+        with bounded as threads:
+            workers = [
+                threading.Thread(target=worker, args=(i, r, a, k, threads), name=f"autosyncbn-replica-{i}")
+                for i, (r, a, k) in enumerate(zip(replicas, inputs, kwargs))
+            ]
+            for thread in workers:
+                thread.start()
+            for thread in workers:
+                thread.join()
     else:
         worker(0, replicas[0], inputs[0], kwargs[0])
     outputs = []
@@ -276,9 +332,8 @@ def _parallel_apply_on_cpu(replicas: Sequence[nn.Module], inputs: Sequence[Any],
         if isinstance(output, ExceptionWrapper):
             try:
                 output.reraise()
-            except PeerFailedError as error:  # as autosyncbn's patch of parallel_apply does
-                reraise_root_failure(replicas, error)
-                raise
+            except BaseException as error:  # as autosyncbn's patch of parallel_apply does
+                reraise_replica_error(replicas, error)
         outputs.append(output)
     return outputs
 
