@@ -5,19 +5,22 @@ import sys
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import autosyncbn
 
 _PATCHED = [
+    # install()'s table (autosyncbn.patching._patch_table): F.batch_norm, every name of replicate
+    # and parallel_apply, and reentrant checkpointing
     (torch.nn.functional, "batch_norm"),
-    (sys.modules["torch.nn.parallel.data_parallel"], "parallel_apply"),
-    (sys.modules["torch.nn.parallel.parallel_apply"], "parallel_apply"),
-    (torch.nn.parallel, "parallel_apply"),
     (nn.DataParallel, "replicate"),
-    (nn.DataParallel, "parallel_apply"),
-    (_BatchNorm, "forward"),
+    *[(owner, name) for owner in (sys.modules["torch.nn.parallel.data_parallel"],
+                                  sys.modules["torch.nn.parallel.replicate"], torch.nn.parallel)
+      for name in ("replicate", "parallel_apply") if name in vars(owner)],
+    (sys.modules["torch.nn.parallel.parallel_apply"], "parallel_apply"),
+    (torch.utils.checkpoint.CheckpointFunction, "apply"),
+    # autosyncbn.testing's CPU broadcast seam, and patch_sync_batchnorm's name rebinding
     (sys.modules["torch.nn.parallel.replicate"], "_broadcast_coalesced_reshape"),
     *[(namespace, name) for namespace in (nn, sys.modules["torch.nn.modules"],
                                           sys.modules["torch.nn.modules.batchnorm"])

@@ -116,9 +116,13 @@ def run_in_threads(replicas: Sequence[nn.Module], inputs: Sequence[tuple], kwarg
         thread.start()
     for thread in threads:
         thread.join(30)
-    for error in errors:
-        if error is not None:
-            raise error
+    first = next((error for error in errors if error is not None), None)
+    errors.clear()  # the error's traceback reaches run(), whose closure holds this list: no cycle
+    if first is not None:
+        try:
+            raise first
+        finally:
+            first = None
     return outputs
 
 

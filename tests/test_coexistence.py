@@ -8,7 +8,6 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import autosyncbn
 from autosyncbn.testing import EmulatedDataParallel
@@ -66,25 +65,6 @@ def test_double_backward_gradient_penalty_matches_one_device(installed, replicas
 
     torch.testing.assert_close(penalty(EmulatedDataParallel(critic, replicas)), penalty(reference))
     assert_models_match(critic, reference, rel=1e-10)
-
-
-class CheckpointedBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
-
-    def forward(self, x):
-        return checkpoint(self.block, x, use_reentrant=False)
-
-
-@pytest.mark.timeout(30)
-def test_checkpoint_inside_a_replica_raises_a_clear_error(installed):
-    model = EmulatedDataParallel(CheckpointedBlock(), 2)
-    out = model(torch.randn(8, 4))
-    with pytest.raises(autosyncbn.CheckpointRecomputeError, match="checkpoint"):
-        out.sum().backward()
-    # The same model outside DataParallel still checkpoints normally.
-    CheckpointedBlock()(torch.randn(8, 4)).sum().backward()
 
 
 def test_anomaly_detection(installed):

@@ -434,3 +434,124 @@ def worker_disagreement_then_training(rank, world):
 
 def test_ranks_realign_after_a_disagreement_in_forward():
     run_ranks(worker_disagreement_then_training, 2, deadline=120, pg_timeout=20)
+
+
+# -- issue 24: a rank that raises inside a forward, re-initialized groups, users' inputs ----------------
+class RaisesBetweenLayers(nn.Module):
+    """Three BatchNorm layers; ``fail_once`` makes the forward raise between the first and the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.c2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.fail_once = False
+
+    def forward(self, x):
+        x = self.bn1(self.c1(x))
+        if self.fail_once:
+            self.fail_once = False
+            raise torch.OutOfMemoryError("simulated out of memory between two BatchNorm layers")
+        return self.bn3(self.c3(torch.relu(self.bn2(self.c2(x)))))
+
+
+def worker_raises_between_layers(rank, world, failing_rank, route):
+    torch.manual_seed(0)
+    model = RaisesBetweenLayers()
+    reference = copy.deepcopy(model)
+    if route == "explicit":
+        model = autosyncbn.convert_model(model)
+    else:
+        autosyncbn.install(distributed=True)
+    outcomes = []
+    try:
+        for step in range(5):
+            x_all = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(step)) * 2 + 1
+            model.fail_once = rank == failing_rank and step == 1
+            x = x_all[4 * rank:4 * (rank + 1)].clone().requires_grad_()
+            try:
+                out = model(x)
+                out.square().mean().backward()
+            except (torch.OutOfMemoryError, autosyncbn.ReplicaMismatchError) as error:
+                outcomes.append(type(error).__name__)
+                continue
+            ref_out = reference(x_all)[4 * rank:4 * (rank + 1)]
+            assert_close_to_scale(out, ref_out.detach(), what=f"rank {rank} step {step}")
+            outcomes.append("ok")
+            model.zero_grad(); reference.zero_grad()
+    finally:
+        autosyncbn.uninstall()
+    return outcomes
+
+
+@pytest.mark.parametrize("route", ["install", "explicit"])
+def test_a_rank_that_raises_between_layers_loses_only_that_step(route):
+    outcomes = run_ranks(worker_raises_between_layers, 2, 1, route, deadline=120, pg_timeout=20)
+    # The failing rank loses its failing step; its peer loses that step too, and nothing else.
+    assert outcomes[1] == ["ok", "OutOfMemoryError", "ok", "ok", "ok"]
+    assert outcomes[0] == ["ok", "ReplicaMismatchError", "ok", "ok", "ok"]
+
+
+def worker_reinitialized_group(rank, world, init_file):
+    import datetime
+
+    layer = autosyncbn.SynchronizedBatchNorm1d(3)
+    first = layer(torch.randn(4, 3, generator=torch.Generator().manual_seed(rank)))
+    dist.destroy_process_group()
+    if rank == 1:  # this rank alone makes calls that the new group must not inherit
+        for _ in range(3):
+            layer(torch.randn(4, 3))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}.second", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    x_all = torch.randn(8, 3, generator=torch.Generator().manual_seed(7))
+    out = layer(x_all[4 * rank:4 * (rank + 1)])
+    reference = nn.BatchNorm1d(3)
+    assert_close_to_scale(out, reference(x_all)[4 * rank:4 * (rank + 1)].detach())
+    return first.shape[0]
+
+
+def test_a_destroyed_and_reinitialized_process_group_starts_afresh(tmp_path):
+    assert run_ranks(worker_reinitialized_group, 2, str(tmp_path / "rendezvous"), deadline=120,
+                     pg_timeout=20) == [4, 4]
+
+
+def worker_data_parallel_in_a_process_group_warns_nothing_false(rank, world):
+    import warnings
+
+    from autosyncbn.testing import EmulatedDataParallel
+
+    autosyncbn.install(distributed=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(autosyncbn.SyncBatchNormError, match="both at once"):
+                EmulatedDataParallel(ConvBlock(4), 2)(input_of_rank(4, 4))
+        return [str(w.message) for w in caught if issubclass(w.category, autosyncbn.UnsynchronizedBatchNormWarning)]
+    finally:
+        autosyncbn.uninstall()
+
+
+def test_the_data_parallel_in_a_process_group_error_comes_without_a_false_warning():
+    assert run_ranks(worker_data_parallel_in_a_process_group_warns_nothing_false, 2) == [[], []]
+
+
+def worker_users_inputs(rank, world):
+    from test_users_code import MetaTensor
+
+    torch.manual_seed(0)
+    model = autosyncbn.convert_model(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)))
+    reference = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    reference.load_state_dict(model.state_dict())
+    x_all = torch.randn(6, 2, 2, 2, generator=torch.Generator().manual_seed(3))
+    part = x_all[3 * rank:3 * (rank + 1)]
+    out = model(MetaTensor(part.clone(), {"rank": rank}))
+    assert isinstance(out, MetaTensor) and out.meta == {"rank": rank}
+    assert_close_to_scale(out.as_subclass(torch.Tensor), reference(x_all)[3 * rank:3 * (rank + 1)].detach())
+    empty = torch.randn(3 if rank == 0 else 0, 3, 0, 2, requires_grad=True)  # no positions anywhere
+    model[1](empty).sum().backward()  # the BatchNorm alone (a convolution refuses an empty image)
+    assert empty.grad.shape == empty.shape
+    return True
+
+
+def test_tensor_subclasses_and_empty_batches_over_processes():
+    assert run_ranks(worker_users_inputs, 2) == [True, True]

@@ -98,10 +98,12 @@ def _group(replicas: int, timeout: float) -> autosyncbn.group.ReplicaGroup:
     return autosyncbn.group.ReplicaGroup(replicas, timeout, plan, lambda: ["<root>", "layer1.bn"])
 
 
-def _contribution(count: int, channels: int = 3) -> tuple:
+def _contribution(count: int, channels: int = 3) -> autosyncbn.group.Contribution:
     """Layer 1 ('layer1.bn') with ``count`` values per channel."""
     x = torch.randn(count, channels)
-    return (1, channels, count, autosyncbn.moments.local_moments(x), x, None, None, 1e-5)
+    return autosyncbn.group.Contribution(layer=1, channels=channels, count=count,
+                                         moments=autosyncbn.moments.local_moments(x), input=x, weight=None,
+                                         bias=None, eps=1e-5, packed=None)
 
 
 def test_peer_error_names_the_failing_replica_and_call():

@@ -341,13 +341,15 @@ def test_the_callers_exception_is_the_failing_replicas_own(installed):
 
 def test_an_ensemble_through_parallel_apply_is_left_alone(installed):
     from autosyncbn.patching import _wrap_parallel_apply
-    from autosyncbn.testing import _parallel_apply_on_cpu
 
     a = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     b = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     ref_a, ref_b = copy.deepcopy(a), copy.deepcopy(b)
     xa, xb = torch.randn(6, 3), torch.randn(6, 3) * 4 + 3
-    out_a, out_b = _wrap_parallel_apply(_parallel_apply_on_cpu, None, ([a, b], [xa, xb], [{}, {}]), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", autosyncbn.UnsynchronizedBatchNormWarning)  # no DataParallel: not replicas
+        out_a, out_b = _wrap_parallel_apply(lambda modules, inputs, kwargs: [m(x) for m, x in zip(modules, inputs)],
+                                            None, ([a, b], [xa, xb], [{}, {}]), {})
     assert torch.equal(out_a, ref_a(xa)) and torch.equal(out_b, ref_b(xb))
     assert torch.equal(b[1].running_mean, ref_b[1].running_mean)
 

@@ -225,3 +225,14 @@ def test_distributed_option_without_a_process_group_is_pytorch_bit_for_bit():
         out = layer(x)
     assert torch.equal(out, twin(x))
     assert torch.equal(layer.running_var, twin.running_var)
+
+
+def test_the_guard_covers_every_patch_install_applies():
+    """A patch the guard does not list could leak unnoticed."""
+    from autosyncbn.patching import PATCHES
+
+    from conftest import _PATCHED
+
+    guarded = {(id(owner), name) for owner, name in _PATCHED}
+    table = PATCHES._make()
+    assert table and all((id(patch.owner), patch.attribute) in guarded for patch in table)
