@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import functional, naming, replicas, report, settings
+from . import functional, naming, private_api, replicas, report, settings
 from .distributed import ProcessGroupTransport, usable_group
 from .errors import CheckpointRecomputeError, SyncBatchNormError
 from .group import ReplicaGroup, contribution
@@ -57,11 +57,11 @@ from .replicas import EXCLUDED_ATTRIBUTE, EXPLICIT_ATTRIBUTE, SEAT
 from .wrapping import Patch
 
 _getframe = sys._getframe
-_functorch_active = torch._C._are_functorch_transforms_active
+_functorch_active = private_api.functorch_transforms_active
 _SELF = ("self",)
 _MAIN_THREAD = threading.main_thread()
 _MAIN_IDENT = _MAIN_THREAD.ident
-_saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_saved_tensor_hooks = private_api.top_saved_tensors_hooks
 _EXPLICIT = object()  # batch_norm's ``instance`` when autosyncbn's own layer calls it
 
 
@@ -403,9 +403,7 @@ def _record(args: tuple, owner: Optional[nn.Module], route: Route, group: Option
 
 # -- torch.compile ------------------------------------------------------------------------
 def _tracing(input: Any) -> bool:
-    from torch._subclasses.fake_tensor import is_fake  # loaded only once a non-plain tensor comes
-
-    return is_fake(input)
+    return private_api.is_fake(input)
 
 
 def _may_synchronize(owner: Optional[nn.Module]) -> bool:

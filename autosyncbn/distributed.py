@@ -63,6 +63,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .errors import ReplicaMismatchError
+from .private_api import process_groups
 
 HEADER = 6
 """direction, call number, channel count, value count, layer fingerprint, opens a forward (1/0)."""
@@ -108,9 +109,7 @@ def _remember_inherited_groups() -> None:
     _lock = threading.Lock()  # the parent's lock may have been held by another thread
     try:
         if dist.is_available() and dist.is_initialized():
-            world = getattr(dist.distributed_c10d, "_world", None)
-            groups = list(getattr(world, "pg_map", {}) or {}) if world is not None else []
-            _inherited_groups.extend(groups or [dist.group.WORLD])
+            _inherited_groups.extend(process_groups(dist.distributed_c10d) or [dist.group.WORLD])
     except Exception:  # never break a fork over this; treat the world as inherited
         _inherited_groups.append(dist.group.WORLD)
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from .errors import SyncBatchNormError
+from .private_api import FORWARD_AD, function_apply, operator
 from .eps_mode import get_sbn_eps_mode
 from .moments import (HALF_TYPES, accumulation_dtype, chan_merge, channel_view_shape, reduction_dims,
                       with_precise_means)
@@ -54,7 +54,7 @@ def check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: 
         raise TypeError(f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}")
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(input).tangent is not None:
+    if FORWARD_AD._current_level >= 0 and FORWARD_AD.unpack_dual(input).tangent is not None:
         raise SyncBatchNormError(
             "forward-mode AD (torch.autograd.forward_ad) through a synchronized BatchNorm call is not "
             "supported: its tangent would need every replica's or rank's tangent. Use reverse mode "
@@ -170,7 +170,7 @@ class _SynchronizedNormalization(torch.autograd.Function):
         return (None, None, None, *gradients)
 
 
-_apply_normalization = super(torch.autograd.Function, _SynchronizedNormalization).apply
+_apply_normalization = function_apply(_SynchronizedNormalization)
 """The node's C ``apply``: ``Function.apply``'s Python preamble serves only torch.func transforms,
 which synchronized calls refuse (dispatch raises a clear error under them)."""
 
@@ -226,7 +226,7 @@ def _normalize_wide(call: LayerCall, output: Tensor, input: Tensor, mean: Tensor
         output.add_(bias.view(shape))
 
 
-_NORMALIZE_INTO = torch.ops.aten.native_batch_norm.out._op
+_NORMALIZE_INTO = operator(torch.ops.aten.native_batch_norm.out)
 """PyTorch's batch-norm kernel writing into a given tensor (eval mode: with given statistics)."""
 
 
@@ -352,7 +352,7 @@ def _part_sums(call: LayerCall, input: Tensor, grad: Tensor, mean: Tensor, invst
     return dy.sum(dims), (dy * xhat).sum(dims)
 
 
-_BACKWARD_KERNEL = torch.ops.aten.native_batch_norm_backward.default._op
+_BACKWARD_KERNEL = operator(torch.ops.aten.native_batch_norm_backward.default)
 """The operator itself (its Python ``OpOverload`` wrapper costs a call per use)."""
 
 

@@ -22,10 +22,10 @@ from _thread import allocate_lock as _allocate_lock
 from typing import Any, Callable, NamedTuple, Optional
 
 from torch import Tensor
-from torch._utils import ExceptionWrapper
 
 from .errors import PeerFailedError, ReplicaMismatchError, SyncBatchNormError, SyncTimeoutError
 from .functional import LayerCall, merge_parts
+from .private_api import ExceptionWrapper
 
 POLL_SECONDS = 0.25
 """How often a waiting replica looks at the clock and its peers (a peer's failure wakes it at once)."""

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import report, settings
 from .errors import PeerFailedError, SyncBatchNormError
 from .group import ReplicaGroup
+from .private_api import ALWAYS_CALLED_HOOKS, always_called_hooks
 from .settings import LayerFilter
 
 SEAT = "_autosyncbn_seat"
@@ -233,7 +234,7 @@ def _hook(root: nn.Module) -> None:
     own = root.__dict__
     own["_forward_pre_hooks"] = OrderedDict([(_HOOK, _replica_started), *root._forward_pre_hooks.items()])
     own["_forward_hooks"] = OrderedDict([*root._forward_hooks.items(), (_HOOK, _replica_ended)])
-    own["_forward_hooks_always_called"] = OrderedDict([*root._forward_hooks_always_called.items(), (_HOOK, True)])
+    own[ALWAYS_CALLED_HOOKS] = OrderedDict([*always_called_hooks(root).items(), (_HOOK, True)])
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:

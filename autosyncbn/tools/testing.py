@@ -24,9 +24,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from torch._utils import ExceptionWrapper
 
 from ..parallel import DataParallelWithCallback
+from ..private_api import BROADCAST_SEAM, ExceptionWrapper, missing
 from ..replicas import reraise_replica_error, warn_unregistered
 from ..settings import DEFAULT_TIMEOUT, checked_timeout
 from ..wrapping import Patch, SharedPatches
@@ -92,8 +92,15 @@ class _BroadcastOnCpu(torch.autograd.Function):
         return (None, *sums)
 
 
+def _broadcast_seam() -> str:
+    """The name of replicate's copying function, checked when the first emulated replicas are made."""
+    if not hasattr(_replicate_module, BROADCAST_SEAM):
+        raise missing(f"torch.nn.parallel.replicate.{BROADCAST_SEAM}", "Emulating DataParallel replicas on the CPU")
+    return BROADCAST_SEAM
+
+
 _BROADCAST_SEAM = SharedPatches(lambda: [
-    Patch(_replicate_module, "_broadcast_coalesced_reshape", wrapper=_cpu_broadcast)
+    Patch(_replicate_module, _broadcast_seam(), wrapper=_cpu_broadcast)
 ])
 
 
