@@ -46,7 +46,7 @@ from .parallel import DataParallelWithCallback, patch_replication_callback
 from .patching import install, is_installed, patched, uninstall
 from .report import SyncReport, sync_report
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CheckpointRecomputeError",
