@@ -86,8 +86,8 @@ def run_demo() -> str:
         done = subprocess.run([sys.executable, "-m", "autosyncbn", "demo", "--output", folder],
                               cwd=ROOT, capture_output=True, text=True, check=True)
         shutil.copy(os.path.join(folder, "curves.png"), os.path.join(ROOT, "docs", "demo_curves.png"))
-    lines = [line for line in done.stdout.splitlines()
-             if line.startswith(("final test accuracy", "largest |", "float32 round-off", "time:"))]
+    summary = done.stdout.split("\n\n")[-1].splitlines()  # the closing block, after the progress lines
+    lines = [line for line in summary if not line.startswith("plot ")]
     print("\n".join(lines))
     return "```\n" + "\n".join(lines) + "\n```"
 

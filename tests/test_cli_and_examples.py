@@ -19,13 +19,24 @@ def test_demo_with_small_settings(tmp_path, capsys):
                  "--output", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "final test accuracy" in printed and "after the first step" in printed
-    history = json.loads((tmp_path / "history.json").read_text())
-    assert "round-off alone" in printed and len(history["baseline_logit_difference"]) == 1
+    assert "move with the seed, the machine, the intra-op thread count and the load" in printed
+    history = json.loads((tmp_path / "history.json").read_text())["runs"][0]
+    assert "nudged by 1e-7" in printed and len(history["baseline_logit_difference"]) == 1
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     # One step in, the synchronized model is the reference model up to float32 round-off.
     assert history["first_step_logit_difference"] < 1e-4
     for run in ("reference", "per-replica", "autosyncbn"):
         assert len(history[run]["test_accuracy"]) == 1
+
+
+def test_demo_over_seeds_prints_mean_and_spread(tmp_path, capsys):
+    assert main(["demo", "--replicas", "2", "--per-replica", "8", "--epochs", "1", "--seeds", "2",
+                 "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "final test accuracy over 2 seeds, mean +- standard deviation" in printed
+    runs = json.loads((tmp_path / "history.json").read_text())["runs"]
+    assert [run["setting"]["seed"] for run in runs] == [0, 1]
+    assert all(run["first_step_logit_difference"] < 1e-4 for run in runs)
 
 
 def test_check_passes_and_prints_a_table(capsys):

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import time
 from typing import Callable
 
@@ -83,7 +84,7 @@ def train_three_ways(replicas: int, per_replica: int, epochs: int, seed: int, lr
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = load_digits_tensors(seed)
     initial = build_model().to(device)
-    models = {name: copy.deepcopy(initial) for name in RUNS + (BASELINE,)}
+    models = {name: copy.deepcopy(initial) for name in (*RUNS, BASELINE)}
     with torch.no_grad():  # the round-off baseline: the reference, nudged by 1e-7
         for parameter in models[BASELINE].parameters():
             parameter.add_(torch.randn_like(parameter) * 1e-7)
@@ -135,8 +136,8 @@ def train_three_ways(replicas: int, per_replica: int, epochs: int, seed: int, lr
         for p, q in zip(models["autosyncbn"].state_dict().values(), models["reference"].state_dict().values())
         if p.is_floating_point()
     )
-    history["setting"] = dict(replicas=replicas, per_replica=per_replica, epochs=epochs, seed=seed,
-                              device=str(device), steps_per_epoch=steps_per_epoch)
+    history["setting"] = {"replicas": replicas, "per_replica": per_replica, "epochs": epochs, "seed": seed,
+                          "device": str(device), "steps_per_epoch": steps_per_epoch}
     return history
 
 
@@ -205,7 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-replica", type=count_argument("samples", minimum=2, why=one_value),
                         default=2, help="samples per replica (default 2, the least)")
     parser.add_argument("--epochs", type=count_argument("epochs"), default=8, help="epochs (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--seeds", type=count_argument("seeds"), default=1,
+                        help="seeds to train and summarize (default 1; accuracies move with the seed)")
     parser.add_argument("--output", default="autosyncbn_demo", help="folder for the plot and JSON")
 
 
@@ -214,24 +217,48 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     print(f"Training on digits: {args.replicas} replicas x {args.per_replica} samples, "
-          f"{args.epochs} epochs ({'CUDA' if torch.cuda.is_available() else 'emulated CPU replicas'})")
-    history = train_three_ways(args.replicas, args.per_replica, args.epochs, args.seed,
-                               progress=tqdm, report=tqdm.write)
+          f"{args.epochs} epochs, {args.seeds} seed(s) "
+          f"({'CUDA' if torch.cuda.is_available() else 'emulated CPU replicas'})")
+    histories = [train_three_ways(args.replicas, args.per_replica, args.epochs, args.seed + offset,
+                                  progress=tqdm, report=tqdm.write) for offset in range(args.seeds)]
+    history = histories[0]
     os.makedirs(args.output, exist_ok=True)
     plot_path = os.path.join(args.output, "curves.png")
     plot(history, plot_path)
-    history["seconds"] = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     with open(os.path.join(args.output, "history.json"), "w") as handle:
-        json.dump(history, handle, indent=2)
+        json.dump({"seconds": seconds, "threads": torch.get_num_threads(), "runs": histories}, handle, indent=2)
     print()
-    print("final test accuracy:  " + "  ".join(
-        f"{name} {history[name]['test_accuracy'][-1]:.2%}" for name in RUNS))
-    print(f"largest |autosyncbn - reference| difference of test logits: after the first step "
-          f"{history['first_step_logit_difference']:.2e}, at the end {history['max_logit_difference'][-1]:.2e}; "
-          f"of parameters and buffers at the end {history['max_parameter_difference']:.2e}")
-    print(f"float32 round-off alone: a reference whose initial weights were nudged by 1e-7 ends "
-          f"{history['baseline_logit_difference'][-1]:.2e} away from it (test logits). Differences grow "
-          f"over many SGD steps in any run; the first step shows the synchronization itself.")
-    print(f"plot: {plot_path}   data: {os.path.join(args.output, 'history.json')}")
-    print(f"time: {history['seconds']:.0f} s on {machine_description()}")
+    print(format_summary(histories))
+    print(f"plot (seed {args.seed}): {plot_path}   data: {os.path.join(args.output, 'history.json')}")
+    print(f"time: {seconds:.0f} s on {machine_description()}, {torch.get_num_threads()} intra-op threads")
     return 0
+
+
+def format_summary(histories: list) -> str:
+    """What does not move (the first step), then what does (final accuracies), said as such."""
+    first = max(h["first_step_logit_difference"] for h in histories)
+    seeds = len(histories)
+    lines = [f"after the first step, |autosyncbn - reference| of test logits: {first:.2e} "
+             f"(largest over {seeds} seed(s)): the synchronization itself, which does not move"]
+    if seeds == 1:
+        lines.append("final test accuracy:  " + "  ".join(
+            f"{name} {history_accuracy(histories[0], name):.2%}" for name in RUNS))
+    else:
+        lines.append(f"final test accuracy over {seeds} seeds, mean +- standard deviation (min .. max):")
+        for name in RUNS:
+            values = [history_accuracy(h, name) for h in histories]
+            lines.append(f"  {name:<12} {statistics.mean(values):6.2%} +- {statistics.stdev(values):5.2%} "
+                         f"({min(values):.2%} .. {max(values):.2%})")
+    lines.append(
+        f"final accuracies move with the seed, the machine, the intra-op thread count and the load: "
+        f"float32 round-off grows over {len(histories[0]['max_logit_difference'])} epochs of SGD (a reference "
+        f"whose initial weights were nudged by 1e-7 ends "
+        f"{max(h['baseline_logit_difference'][-1] for h in histories):.2e} away from it in test logits, "
+        f"autosyncbn {max(h['max_logit_difference'][-1] for h in histories):.2e}). Compare runs of one "
+        f"machine, over seeds (--seeds N), not single figures across machines.")
+    return "\n".join(lines)
+
+
+def history_accuracy(history: dict, name: str) -> float:
+    return history[name]["test_accuracy"][-1]
