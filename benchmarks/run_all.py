@@ -1,12 +1,12 @@
-"""Run every benchmark and the demo, write results/*.json, and refresh README.md's figures.
+"""Run every benchmark and the demo, write results/*.json, and refresh the figures on the pages.
 
     python benchmarks/run_all.py            # CPU benchmarks + the demo (about 5 minutes on 2 cores)
     python benchmarks/run_all.py --no-demo  # benchmarks only
     python benchmarks/run_all.py --gpu      # also the GPU benchmark (needs CUDA)
 
-Two blocks of README.md are written here and nowhere else: the benchmark
-table (between ``<!-- benchmarks:begin/end -->``) and the demo's output
-(between ``<!-- demo:begin/end -->``, with docs/demo_curves.png).
+Two blocks are written here and nowhere else: the benchmark table of
+docs/benchmarks.md (between ``<!-- benchmarks:begin/end -->``) and the demo's
+output in README.md (between ``<!-- demo:begin/end -->``, with docs/demo_curves.png).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from common import machine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+BENCHMARKS_PAGE = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
 def table(results: dict) -> str:
@@ -92,21 +93,23 @@ def run_demo() -> str:
     return "```\n" + "\n".join(lines) + "\n```"
 
 
-def refresh_readme(name: str, text: str) -> None:
+def refresh_block(path: str, name: str, text: str) -> None:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` (which must have them)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    with open(README) as handle:
-        readme = handle.read()
-    readme = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}\n{end}",
-                    readme, flags=re.S)
-    with open(README, "w") as handle:
-        handle.write(readme)
+    with open(path) as handle:
+        page = handle.read()
+    if begin not in page or end not in page:
+        raise SystemExit(f"{os.path.relpath(path, ROOT)} has no {begin} ... {end} block to refresh")
+    page = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}\n{end}", page, flags=re.S)
+    with open(path, "w") as handle:
+        handle.write(page)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gpu", action="store_true", help="also run the GPU benchmark")
     parser.add_argument("--no-demo", action="store_true", help="leave the demo block as it is")
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md and docs/benchmarks.md as they are")
     args = parser.parse_args()
     results = {
         "patch_overhead": bench_patch_overhead.main(),
@@ -120,10 +123,10 @@ def main() -> None:
     if args.gpu:
         bench_gpu.main()
     if not args.no_readme:
-        refresh_readme("benchmarks", table(results))
+        refresh_block(BENCHMARKS_PAGE, "benchmarks", table(results))
         if not args.no_demo:
-            refresh_readme("demo", run_demo())
-        print(f"README figures refreshed: {README}")
+            refresh_block(README, "demo", run_demo())
+        print(f"figures refreshed: {README}, {BENCHMARKS_PAGE}")
 
 
 if __name__ == "__main__":
