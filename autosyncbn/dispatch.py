@@ -41,7 +41,7 @@ import inspect
 import sys
 import threading
 from _thread import get_ident as _get_ident
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, NoReturn, Optional
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +213,7 @@ def batch_norm(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwarg
         return wrapped(*args)
     frame = _getframe(1)
     while frame.f_globals is _GLOBALS:  # explicit_batch_norm
-        frame = frame.f_back
+        frame = frame.f_back  # type: ignore[assignment]  # its caller is there
     owner = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == _SELF else None
     if type(args[0]) is not Tensor:
         return _tensor_subclass(wrapped, args, owner if isinstance(owner, nn.Module) else None)
@@ -277,7 +277,7 @@ def _replay(args: tuple, owner: Optional[nn.Module], group: ReplicaGroup, replic
     updates the running statistics again, as PyTorch's kernel does in a
     recompute, before packing its input (where a non-reentrant recompute may stop).
     """
-    input, running_mean, running_var, weight, bias, _, momentum, eps = args
+    input, running_mean, running_var, weight, bias, _, momentum, _eps = args
     recorded = group.recorded.get((replica, layer))
     if not recorded:
         _raise_recompute(group, replica, layer, owner)
@@ -368,13 +368,13 @@ def _over_processes(args: tuple, owner: Optional[nn.Module], group: Any) -> Tens
     return functional.normalize_part(layer_call, output, input, weight, bias)
 
 
-def _raise_one_value(call: functional.LayerCall, input: Tensor) -> None:
+def _raise_one_value(call: functional.LayerCall, input: Tensor) -> NoReturn:
     raise ValueError(
         f"Expected more than 1 value per channel when training, got {call.total} value(s) per "
         f"channel over the whole batch (input size of this part {list(input.shape)})")
 
 
-def _raise_recompute(group: ReplicaGroup, replica: int, layer: int, owner: Optional[nn.Module]) -> None:
+def _raise_recompute(group: ReplicaGroup, replica: int, layer: int, owner: Optional[nn.Module]) -> NoReturn:
     name = group.layer_name(layer) if layer >= 0 else naming.qualified_name(owner)
     raise CheckpointRecomputeError(
         f"BatchNorm layer '{name}' ran in replica {replica} after that replica's forward had ended, "

@@ -28,11 +28,11 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .errors import SyncBatchNormError
-from .private_api import FORWARD_AD, function_apply, operator
 from .eps_mode import get_sbn_eps_mode
-from .moments import (HALF_TYPES, accumulation_dtype, chan_merge, channel_view_shape, reduction_dims,
-                      with_precise_means)
+from .errors import SyncBatchNormError
+from .moments import HALF_TYPES, accumulation_dtype, chan_merge, channel_view_shape, reduction_dims, with_precise_means
+from .private_api import FORWARD_AD, function_apply, operator
+
 
 class MomentsTransport(Protocol):
     """How per-part moments and backward sums travel between processes (one per layer call)."""
@@ -91,8 +91,8 @@ class LayerCall:
     variance gets no gradient (``var_mask``).
     """
 
-    __slots__ = ("merged", "mean", "var", "total", "eps", "kernel_var", "kernel_eps", "invstd", "var_mask",
-                 "transport", "wide")
+    __slots__ = ("eps", "invstd", "kernel_eps", "kernel_var", "mean", "merged", "total", "transport", "var",
+                 "var_mask", "wide")
 
     def __init__(self, merged: Tensor, total: int, eps: float, dtype: torch.dtype,
                  transport: Optional[MomentsTransport] = None, wide: bool = False) -> None:
@@ -176,14 +176,16 @@ which synchronized calls refuse (dispatch raises a clear error under them)."""
 
 
 def normalize(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
-              biases: Sequence[Optional[Tensor]], packed: Optional[Sequence[tuple]] = None) -> tuple[Tensor, ...]:
+              biases: Sequence[Optional[Tensor]], packed: Optional[Sequence[Optional[tuple]]] = None
+              ) -> tuple[Tensor, ...]:
     """Every local part's output, made by one autograd node, still to be filled by :func:`normalize_part`.
 
     ``packed``: every part's :func:`pack_part` result (None for a part without
     hooks), or None when no part has saved-tensor hooks.
     """
     if packed is not None:
-        packed = [(None, input, weight) if part is None else part for part, input, weight in zip(packed, inputs, weights)]
+        packed = [(None, input, weight) if part is None else part
+                  for part, input, weight in zip(packed, inputs, weights)]
     return _apply_normalization(call, packed, len(inputs), *inputs, *weights, *biases)
 
 
@@ -235,7 +237,7 @@ def merge_parts(counts: Sequence[int], moments: Sequence["tuple[Tensor, Tensor]"
                 packed: Sequence[Optional[tuple]] = ()) -> tuple[LayerCall, tuple[Tensor, ...]]:
     """Every part lives in this process (DataParallel replica threads): merge here, make every part's output."""
     device = moments[0][0].device
-    values = []
+    values: list[Tensor] = []
     for pair in moments:  # on the first part's device (DataParallel's GPUs: every device's own)
         values.extend(pair if pair[0].device == device else (v.to(device) for v in pair))
     stacked, wide = with_precise_means(torch.stack(values).view(len(moments), 2, -1), inputs)
@@ -272,6 +274,7 @@ def _gradients(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Opti
         mean, invstd = _differentiable_statistics(call, inputs)
     home = mean.device
     sums: list[Optional[tuple[Tensor, Tensor]]] = [None] * parts  # (sum dy, sum dy * xhat), on the part's device
+    part: Optional[tuple[Tensor, Tensor]]  # a declaration only: no code
     sum_dy = sum_dy_xhat = None  # over every part, added in part order (no thread timing)
     for index, (input, grad) in enumerate(zip(inputs, grad_outputs)):
         if grad is None:
@@ -320,8 +323,10 @@ def _differentiable_statistics(call: LayerCall, inputs: Sequence[Tensor]) -> tup
     device, dtype = call.mean.device, call.mean.dtype
     values = [x.to(device=device, dtype=dtype) for x in inputs]
     total = call.total or 1  # an empty batch: zero sums
-    mean = sum(x.sum(reduction_dims(x)) for x in values) / total
-    var = sum((x - mean.view(channel_view_shape(x))).square().sum(reduction_dims(x)) for x in values) / total
+    # sum() starts at 0, so to mypy these may be floats; values is never empty (one part at least).
+    mean: Tensor = sum(x.sum(reduction_dims(x)) for x in values) / total  # type: ignore[assignment]
+    var: Tensor = sum(  # type: ignore[assignment]
+        (x - mean.view(channel_view_shape(x))).square().sum(reduction_dims(x)) for x in values) / total
     var = var.clamp(min=call.eps) if call.var_mask is not None else var
     return mean, (var + call.kernel_eps).rsqrt()
 

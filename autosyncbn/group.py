@@ -19,7 +19,7 @@ import functools
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 from torch import Tensor
 
@@ -38,7 +38,7 @@ class Contribution(NamedTuple):
 
     layer: int  # its index in the replica's module tree
     channels: int
-    count: int  # values per channel in this slice
+    count: int  # type: ignore[assignment]  # values per channel in this slice (shadows tuple.count)
     moments: "tuple[Tensor, Tensor]"  # (mean, biased var) of this slice
     input: Tensor
     weight: Optional[Tensor]
@@ -69,12 +69,20 @@ class ReplicaFailure(NamedTuple):
             return RuntimeError(message)
 
 
-_columns = contribution
+_columns: Callable[[Iterable[Any]], Any] = contribution
 """Every replica's contributions to one call, transposed: ``.layer`` is every replica's layer, and so on."""
 
 
 class _Slot:
-    __slots__ = ("contributions", "arrived", "waiting", "opened", "results", "error", "created")
+    __slots__ = ("arrived", "contributions", "created", "error", "opened", "results", "waiting")
+
+    contributions: list[Optional[Contribution]]  # per replica, None until it arrives
+    arrived: int
+    waiting: list[Any]  # the waiting replicas' locks
+    opened: bool
+    results: Optional[tuple[LayerCall, tuple[Tensor, ...]]]
+    error: Optional[Callable[[int], BaseException]]  # the error for a given replica, once the call failed
+    created: float
 
 
 def _describe(error: BaseException) -> str:
@@ -234,7 +242,9 @@ class ReplicaGroup:
     def _raise_if_stuck(self, replica: int, call: int, slot: _Slot, since: float) -> None:
         """Raise when the call cannot complete: a peer failed, finished, never started, or this
         replica's deadline (``timeout`` after it arrived, at ``since``) passed."""
-        layer = self.layer_name(slot.contributions[replica][0])
+        own = slot.contributions[replica]
+        assert own is not None  # deposited by meet before this replica waits
+        layer = self.layer_name(own[0])
         waited = time.monotonic() - since
         missing = [i for i, c in enumerate(slot.contributions) if c is None]
         for peer in missing:

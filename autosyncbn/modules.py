@@ -112,8 +112,10 @@ class _SynchronizedBatchNormMixin:
     :func:`_with_synchronized_batch_norm`).
     """
 
-    # A process group is no TorchScript type; scripted layers never synchronize.
-    __jit_ignored_attributes__ = ["process_group"]
+    # A process group is no TorchScript type; scripted layers never synchronize. Not annotated
+    # (ClassVar): TorchScript reads the first class annotations up the bases, and any here would
+    # hide _NormBase's (momentum: Optional[float], ...) from it.
+    __jit_ignored_attributes__ = ["process_group"]  # noqa: RUF012
     _autosyncbn_explicit = True  # dispatch: a layer of the explicit API
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -127,7 +129,7 @@ class _SynchronizedBatchNormMixin:
         cls.__signature__ = _synchronized_signature(cls)  # type: ignore[attr-defined]
 
     def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         self.process_group = process_group
 
 
@@ -201,7 +203,7 @@ class SynchronizedBatchNorm(_SynchronizedBatchNormMixin, _BatchNormXd):
     """
 
 
-_TO_SYNCHRONIZED = {
+_TO_SYNCHRONIZED: dict[type, type[_BatchNorm]] = {
     nn.BatchNorm1d: SynchronizedBatchNorm1d,
     nn.BatchNorm2d: SynchronizedBatchNorm2d,
     nn.BatchNorm3d: SynchronizedBatchNorm3d,
@@ -217,10 +219,10 @@ _TO_PLAIN = {
 }
 
 
-_SYNCHRONIZED_SUBCLASSES: dict[type, type] = {}
+_SYNCHRONIZED_SUBCLASSES: dict[type, type[_BatchNorm]] = {}
 
 
-def _synchronized_class(base: type) -> type:
+def _synchronized_class(base: type) -> type[_BatchNorm]:
     """The synchronized twin of another ``_BatchNorm`` subclass (timm's ``BatchNormAct2d``, say):
     its own forward, with autosyncbn's ``F.batch_norm`` (made once per class)."""
     cls = _SYNCHRONIZED_SUBCLASSES.get(base)
@@ -235,7 +237,7 @@ def _synchronized_class(base: type) -> type:
 def _reduce_synchronized(self: nn.Module, protocol: int) -> tuple:
     """Pickles and deep copies name the base class, which can be imported (the twin is made anew)."""
     reduced = object.__reduce_ex__(self, protocol)
-    return (_new_synchronized, (type(self)._autosyncbn_base,), *reduced[2:])
+    return (_new_synchronized, (type(self)._autosyncbn_base,), *reduced[2:])  # type: ignore[attr-defined]
 
 
 def _new_synchronized(base: type) -> nn.Module:
@@ -247,7 +249,7 @@ def is_synchronized_class(layer: nn.Module) -> bool:
     return isinstance(layer, _SynchronizedBatchNormMixin)
 
 
-def _rebuild(layer: _BatchNorm, cls: type) -> _BatchNorm:
+def _rebuild(layer: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
     """A ``cls`` layer sharing ``layer``'s parameters, buffers, options, mode and attributes."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
@@ -292,7 +294,7 @@ def _once_per_module(convert: Callable[[nn.Module], nn.Module]) -> Callable[[nn.
     return once
 
 
-def _data_parallel_as(module: nn.DataParallel, cls: type, inner: nn.Module) -> nn.DataParallel:
+def _data_parallel_as(module: nn.DataParallel, cls: type[nn.DataParallel], inner: nn.Module) -> nn.DataParallel:
     """A ``cls`` around ``inner`` with ``module``'s devices (a device-less one stays device-less)."""
     if not module.device_ids:
         wrapped = cls.__new__(cls)
@@ -335,7 +337,7 @@ def convert_model(module: M, process_group: Any = None) -> M:
     for name, layer in converted.named_modules():
         if is_synchronized_class(layer):
             record_name(layer, name or "<root>")
-    return converted
+    return converted  # type: ignore[return-value]
 
 
 def _convert(module: M, process_group: Any, convert: Callable[[nn.Module], nn.Module]) -> M:
@@ -351,10 +353,11 @@ def _convert(module: M, process_group: Any, convert: Callable[[nn.Module], nn.Mo
     target = _TO_SYNCHRONIZED.get(type(module))
     if target is None and isinstance(module, _BatchNorm) and not is_synchronized_class(module):
         target = _synchronized_class(type(module))
-    converted = module
+    converted: nn.Module = module
     if target is not None:
         converted = _rebuild(module, target)  # type: ignore[arg-type]
-        converted.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
+        converted.process_group = process_group if process_group is not None else getattr(  # type: ignore[assignment]
+            module, "process_group", None)  # Module.__setattr__ takes any value, not only Tensor | Module
     _convert_children(converted, convert)
     return converted  # type: ignore[return-value]
 

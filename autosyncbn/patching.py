@@ -90,7 +90,8 @@ def _patch_table() -> list[Patch]:
     return [
         FUNCTIONAL_BATCH_NORM,
         Patch(nn.DataParallel, "replicate", wrapper=_wrap_replicate),
-        *[Patch(owner, "replicate", wrapper=_wrap_replicate) for owner in (data_parallel, replicate, torch.nn.parallel)],
+        *[Patch(owner, "replicate", wrapper=_wrap_replicate)
+          for owner in (data_parallel, replicate, torch.nn.parallel)],
         *[Patch(owner, "parallel_apply", wrapper=_wrap_parallel_apply)
           for owner in (data_parallel, parallel_apply, torch.nn.parallel)],
         Patch(checkpoint_module.CheckpointFunction, "apply", wrapper=_wrap_reentrant_checkpoint),

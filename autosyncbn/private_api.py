@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import traceback
 import types
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -58,7 +58,7 @@ replicas then fails in PyTorch's recompute check)."""
 def function_apply(function: type) -> Callable[..., Any]:
     """An autograd Function's C ``apply``, without ``Function.apply``'s Python preamble (which serves
     torch.func transforms only); the public ``apply`` where that base is not there."""
-    base = super(torch.autograd.Function, function)  # type: ignore[arg-type]
+    base = super(torch.autograd.Function, function)
     return getattr(base, "apply", None) or function.apply  # type: ignore[attr-defined]
 
 
@@ -105,7 +105,10 @@ def _exception_wrapper() -> type:
     return ExceptionWrapper
 
 
-ExceptionWrapper = _exception_wrapper()
+if TYPE_CHECKING:  # to type checkers a class: torch's has the same attributes and reraise
+    ExceptionWrapper = _ExceptionText
+else:
+    ExceptionWrapper = _exception_wrapper()
 """What ``parallel_apply`` wraps a replica's error in (and what the emulated runner uses too)."""
 
 

@@ -127,7 +127,10 @@ class Patch:
             installed: Any = self.replacement
         else:
             target = self._original if self._owned else getattr(self.owner, self.attribute)
-            installed = _AutosyncbnWrapper(target, self.wrapper, enabled=self._on.__len__)
+            assert self.wrapper is not None  # __init__ takes exactly one of wrapper= and replacement=
+            # enabled: len() of a list, a C method (truthy as wrapt needs), no Python frame per call
+            installed = _AutosyncbnWrapper(target, self.wrapper,
+                                           enabled=self._on.__len__)  # type: ignore[arg-type]
         setattr(self.owner, self.attribute, installed)
         self._installed = installed
         self.active = True

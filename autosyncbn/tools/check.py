@@ -13,7 +13,7 @@ import copy
 import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from ..report import SyncReport, sync_report
 from .testing import EmulatedDataParallel
 
 
-def _model() -> nn.Module:
+def _model() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
@@ -38,8 +38,10 @@ def _parallel(model: nn.Module, replicas: int) -> nn.Module:
     return EmulatedDataParallel(model, replicas)
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
+def _relative_error(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor], scale: float = 0.0) -> float:
     """Largest difference relative to the scale of the values (at least 1)."""
+    if actual is None or expected is None:
+        raise RuntimeError("a gradient to compare is missing (None): its tensor took no part in backward")
     scale = max(scale, expected.abs().max().item(), 1.0)
     return (actual.double() - expected.double()).abs().max().item() / scale
 
@@ -68,7 +70,7 @@ def compare(replicas: int, batch: int, steps: int = 3, seed: int = 0) -> dict:
             record("input grad", _relative_error(x.grad, x_ref.grad))
             # A bias right before BatchNorm has zero gradient in exact arithmetic:
             # judge every gradient against the largest gradient of the model.
-            grad_scale = max(q.grad.abs().max().item() for q in reference.parameters())
+            grad_scale = max(q.grad.abs().max().item() for q in reference.parameters())  # type: ignore[union-attr]
             for (name, p), q in zip(model.named_parameters(), reference.parameters()):
                 kind = "weight grad" if name.endswith("weight") else "bias grad"
                 record(kind, _relative_error(p.grad, q.grad, grad_scale))

@@ -299,7 +299,7 @@ def _check(root: Path, changed: "dict[Path, Rewrite]", doomed: "list[Path]") -> 
     for copy in doomed:
         name = _name(root, copy)
 
-        def refuse(error: OSError) -> None:
+        def refuse(error: OSError, name: str = name) -> None:  # this iteration's name (B023)
             raise Refused(f"cannot delete {name}: {error.strerror or error}")
 
         for folder in [copy.parent] + [Path(current) for current, _, _ in os.walk(copy, onerror=refuse)]:
@@ -382,7 +382,7 @@ def _keep(root: Path, copy: Path) -> "list[_Kept]":
             elif stat.S_ISDIR(status.st_mode):
                 kept.append(_Kept(parts, status))
                 for name in sorted(os.listdir(path)):
-                    visit(path / name, parts + (name,))
+                    visit(path / name, (*parts, name))
             else:
                 raise Refused(f"cannot delete {_name(root, path)}: not a file, folder or symlink")
 

@@ -98,7 +98,7 @@ def _with_names(node: cst.ImportFrom, aliases: "Sequence[cst.ImportAlias]") -> c
     takes that layout and keeps its own comment.
     """
     aliases = list(aliases)
-    last, original_last = aliases[-1], cst.ensure_type(node.names, Sequence)[-1]
+    last, original_last = aliases[-1], cst.ensure_type(node.names, Sequence)[-1]  # type: ignore[type-abstract]
     if last is original_last:
         return node.with_changes(names=aliases)
     own = last.comma.whitespace_after if isinstance(last.comma, cst.Comma) else cst.SimpleWhitespace("")
@@ -187,10 +187,11 @@ class _ImportRewriter(cst.CSTTransformer):
                                             f"import the ones you use from autosyncbn")
             return updated_node
         names, modules, kept = [], [], []  # from autosyncbn import ..., import autosyncbn as ..., left as is
-        for original, alias in zip(original_node.names, updated_node.names):
+        # original_node's names are no star either: updated_node is original_node with its children's changes
+        for original, alias in zip(original_node.names, updated_node.names):  # type: ignore[arg-type]
             name = cst.ensure_type(alias.name, cst.Name).value
             bound = cst.ensure_type(alias.asname.name, cst.Name).value if alias.asname else name
-            submodule = self.locate(level, parts + (name,))
+            submodule = self.locate(level, (*parts, name))
             if submodule is not None and _is_module(submodule):  # e.g. `from modeling import sync_batchnorm`
                 if self._module_object_problems(original_node, original, bound):
                     kept.append(alias)

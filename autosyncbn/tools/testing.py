@@ -153,10 +153,10 @@ def _gather(outputs: Sequence[Any], dim: int) -> Any:
     if first is None:
         return None
     if isinstance(first, Mapping):
-        return type(first)((key, _gather([o[key] for o in outputs], dim)) for key in first)
+        return type(first)((key, _gather([o[key] for o in outputs], dim)) for key in first)  # type: ignore[call-arg]
     if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)._make(map(lambda parts: _gather(parts, dim), zip(*outputs)))
-    return type(first)(map(lambda parts: _gather(parts, dim), zip(*outputs)))
+        return type(first)._make(_gather(parts, dim) for parts in zip(*outputs))  # type: ignore[attr-defined]
+    return type(first)(_gather(parts, dim) for parts in zip(*outputs))
 
 
 class EmulatedDataParallel(nn.DataParallel):
