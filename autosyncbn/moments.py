@@ -29,12 +29,7 @@ def channel_view_shape(input: Tensor) -> list[int]:
 
 def reduction_dims(input: Tensor) -> list[int]:
     """Every dimension but the channel dimension (1)."""
-    return [0] + list(range(2, input.dim()))
-
-
-def as_dtype(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """``tensor`` in ``dtype``; no cast call when it already is (None stays None)."""
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+    return [0, *range(2, input.dim())]
 
 
 def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,7 +125,7 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
 
     Buffers and statistics never require grad here, so autograd records nothing.
     """
-    if running_mean is not None:
-        running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
+    if running_mean is not None:  # Tensor.to returns the tensor itself when the dtype matches
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     if running_var is not None:
-        running_var.lerp_(as_dtype(var * (count / (count - 1)), running_var.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)

@@ -105,6 +105,7 @@ class CallbackContext:
 
 def _in_tree_order(root: nn.Module) -> list[nn.Module]:
     """``root.modules()`` as a list, without a generator step per module."""
+    stack: list[Optional[nn.Module]]
     order, seen, stack = [], set(), [root]
     while stack:
         module = stack.pop()
@@ -177,20 +178,21 @@ def _warn_scripted(group: ReplicaGroup, index: int, network: Optional[nn.Module]
     cannot reach (its replica shows none of them: they are read from ``network``)."""
     name = group.layer_name(index)
     try:
-        scripted = network if name == "<root>" else network.get_submodule(name)  # type: ignore[union-attr]
+        # network is there whenever a replica is scripted (replicate had the module)
+        scripted: nn.Module = (network if name == "<root>"  # type: ignore[assignment]
+                               else network.get_submodule(name))  # type: ignore[union-attr]
     except AttributeError:
         return
-    for path, buffer in scripted.named_buffers():
+    for path, _buffer in scripted.named_buffers():
         if not path.endswith("running_mean") or not scripted.training:
             continue
         layer = ".".join(part for part in (name if name != "<root>" else "", path[:-len(".running_mean")]) if part)
-        report.warn_once(
-            f"scripted:{layer}",
+        report.left_per_slice(
+            f"scripted:{layer}", layer,
             f"BatchNorm layer '{layer}' is TorchScript (torch.jit.script or trace): its statistics are "
             f"computed inside TorchScript, which autosyncbn cannot reach, so it normalizes per slice in "
-            f"DataParallel replicas. Run the model unscripted inside DataParallel (script it for export).")
-        if report.recording():
-            report.record(layer, False, "TorchScript: cannot synchronize", 0)
+            f"DataParallel replicas. Run the model unscripted inside DataParallel (script it for export).",
+            "TorchScript: cannot synchronize")
 
 
 def warn_unregistered(modules: Sequence[nn.Module]) -> None:
@@ -203,14 +205,13 @@ def warn_unregistered(modules: Sequence[nn.Module]) -> None:
     for name, layer in modules[0].named_modules():
         if isinstance(layer, _BatchNorm) and layer.training and not layer.__dict__.get(EXCLUDED_ATTRIBUTE, False):
             name = name or "<root>"
-            report.warn_once(
-                f"unprepared:{name}",
+            report.left_per_slice(
+                f"unprepared:{name}", name,
                 f"BatchNorm layer '{name}' ran in modules that parallel_apply runs side by side, but "
                 f"they were not made by torch.nn.parallel.replicate (a DataParallel whose replicate "
                 f"deep-copies the module, or replicas made before install()): autosyncbn cannot tell "
-                f"that they are replicas of one model, so it normalized per slice.")
-            if report.recording():
-                report.record(name, False, "replica not made by torch.nn.parallel.replicate", 0)
+                f"that they are replicas of one model, so it normalized per slice.",
+                "replica not made by torch.nn.parallel.replicate")
 
 
 def _registered(replicas: Sequence[nn.Module]) -> bool:
@@ -287,14 +288,13 @@ def _warn_unreached(group: ReplicaGroup) -> None:
         plan = group.plan
         if layer.__dict__.get(EXCLUDED_ATTRIBUTE, False) or (plan.exclude is not None and plan.exclude(name, layer)):
             continue
-        report.warn_once(
-            f"unreached:{name}",
+        report.left_per_slice(
+            f"unreached:{name}", name,
             f"BatchNorm layer '{name}' in a DataParallel replica ran a training step without passing "
             f"through torch.nn.functional.batch_norm (it calls torch.batch_norm or a kernel directly, "
             f"or runs compiled code): it normalized per slice. Exclude it with autosyncbn.exclude() "
-            f"to silence this, or call F.batch_norm.")
-        if report.recording():
-            report.record(name, False, "not reached: did not call F.batch_norm", 0)
+            f"to silence this, or call F.batch_norm.",
+            "not reached: did not call F.batch_norm")
 
 
 def reraise_replica_error(replicas: Sequence[Any], error: BaseException) -> NoReturn:

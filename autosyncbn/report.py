@@ -119,6 +119,14 @@ def forget_warnings() -> None:
         _warned.clear()
 
 
+def left_per_slice(key: str, layer: str, message: str, reason: str) -> None:
+    """Replica 0's ``layer`` normalized per slice where it could not synchronize: warn once
+    (``key``: the layer and the cause) and record it in every open report."""
+    warn_once(key, message)
+    if OPEN:
+        record(layer, False, reason, 0)
+
+
 def warn_once(key: str, message: str) -> None:
     """One ``UnsynchronizedBatchNormWarning`` per layer and cause (replicas are new objects every
     forward: keyed by name)."""
