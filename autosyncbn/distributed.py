@@ -168,6 +168,18 @@ class ProcessGroupTransport:
             self.opens = state.opening_layer == self.fingerprint
         self.channels = 0
 
+    @classmethod
+    def resume(cls, group: Any, layer: str, call: int, channels: int) -> "ProcessGroupTransport":
+        """The transport of forward call number ``call``, for its backward (takes no new call number):
+        for the compiled operators, whose backward cannot keep the forward's object."""
+        transport = cls.__new__(cls)
+        transport.group, transport.layer, transport.call = group, layer, call
+        transport.fingerprint = _fingerprint(layer)
+        transport.opens, transport.channels = False, channels
+        with _lock:
+            transport._state = _state(group)
+        return transport
+
     # -- functional.MomentsTransport -------------------------------------------
     def gather(self, count: int, mean: Tensor, var: Tensor) -> tuple[list[int], Tensor]:
         self.channels = mean.shape[0]
