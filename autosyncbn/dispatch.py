@@ -262,7 +262,7 @@ def _in_replica(wrapped: Callable[..., Tensor], args: tuple, owner: Optional[nn.
         update_running_stats(running_mean, running_var, layer_call.merged[0], layer_call.merged[1],
                              layer_call.total, float(momentum))
     if packed is not None:  # under checkpointing this call may be recomputed: keep its statistics
-        group.recorded.setdefault((replica, layer), []).append((moments[0], layer_call))
+        group.recorded.setdefault((replica, layer), []).append((moments, layer_call))
     if report.OPEN:
         _record(args, owner, route, group, replica, layer)
     return functional.normalize_part(layer_call, outputs[replica], input, weight, bias)
@@ -283,9 +283,10 @@ def _replay(args: tuple, owner: Optional[nn.Module], group: ReplicaGroup, replic
         _raise_recompute(group, replica, layer, owner)
     if len(recorded) == 1:
         layer_call = recorded[0][1]
-    else:  # a layer called several times in one forward: the call whose slice this is
-        mean = local_moments(input)[0]
-        layer_call = min(recorded, key=lambda entry: float((entry[0] - mean).abs().max()))[1]
+    else:  # a layer called several times in one forward: the call whose slice this is (mean and variance)
+        mean, var = local_moments(input)
+        layer_call = min(recorded, key=lambda entry: float(
+            (entry[0][0] - mean).abs().max() + (entry[0][1] - var).abs().max()))[1]
     if replica == 0 and layer_call.total > 0:
         update_running_stats(running_mean, running_var, layer_call.merged[0], layer_call.merged[1],
                              layer_call.total, float(momentum))
@@ -428,7 +429,8 @@ _COMPILE_MESSAGE = (
 FUNCTIONAL_BATCH_NORM = Patch(F, "batch_norm", wrapper=batch_norm)
 """The patch of ``torch.nn.functional.batch_norm`` that ``install()`` applies."""
 
-_PLAIN_BATCH_NORM = F.batch_norm
+PLAIN_BATCH_NORM = F.batch_norm
+"""PyTorch's own ``F.batch_norm`` (autosyncbn is imported before anything patches it)."""
 
 
 def explicit_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -450,13 +452,13 @@ def _explicit_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
     if torch.compiler.is_compiling():  # run eagerly behind a graph break, and decide then
         return _eagerly()(*args)
-    return batch_norm(_PLAIN_BATCH_NORM, _EXPLICIT, args, {})
+    return batch_norm(PLAIN_BATCH_NORM, _EXPLICIT, args, {})
 
 
 @functools.cache
 def _eagerly() -> Callable[..., Tensor]:
     """:func:`batch_norm` behind a graph break (made on first use: only compiling code needs it)."""
-    return torch.compiler.disable(lambda *args: batch_norm(_PLAIN_BATCH_NORM, _EXPLICIT, args, {}), recursive=True)
+    return torch.compiler.disable(lambda *args: batch_norm(PLAIN_BATCH_NORM, _EXPLICIT, args, {}), recursive=True)
 
 
 _GLOBALS = globals()

@@ -117,7 +117,7 @@ class ReplicaGroup:
         self.entered: list[list] = [[] for _ in range(num_replicas)]  # autocast contexts entered by its start
         self.seen: set = set()  # ids of replica 0's running_mean buffers whose calls reached autosyncbn
         # Synchronized calls made under saved-tensor hooks (activation checkpointing), per
-        # (replica, layer): [(slice mean, LayerCall)], replayed when the call is recomputed.
+        # (replica, layer): [(slice (mean, var), LayerCall)], replayed when the call is recomputed.
         self.recorded: dict = {}
         self.watched: list = []  # replica 0's layers to check at its end (see replicas.py)
         self._layer_names = layer_names

@@ -43,7 +43,8 @@ _overlays: dict[int, dict] = {}  # id(module globals) -> its overlay (module nam
 
 
 def _overlay(namespace: dict) -> dict:
-    """A namespace where ``F`` is autosyncbn's and every other name is read live from ``namespace``.
+    """A namespace where ``F`` (and ``batch_norm`` imported by name) is autosyncbn's and every other
+    name is read live from ``namespace``.
 
     A dict subclass whose ``__missing__`` is ``namespace.__getitem__`` (a C
     method, so a global read costs no Python call): a flag set, a helper
@@ -59,8 +60,11 @@ def _overlay(namespace: dict) -> dict:
         cls = type("SynchronizedNamespace", (dict,), {
             "__slots__": (), "__missing__": namespace.__getitem__, "keys": keys,
             "__iter__": lambda self: iter(keys(self)), "__len__": lambda self: len(keys(self))})
+        # ``F``, and PyTorch's batch_norm imported by name (``from torch.nn.functional import batch_norm``)
+        plain = (dispatch.PLAIN_BATCH_NORM, F.batch_norm)  # PyTorch's, and its patch if install() holds now
+        ours = {name: dispatch.explicit_batch_norm for name, value in namespace.items() if value in plain}
         overlay = cls(F=_LAYER_FUNCTIONAL, __builtins__=namespace.get("__builtins__", builtins),
-                      __name__=namespace.get("__name__"))
+                      __name__=namespace.get("__name__"), **ours)
         _overlays[id(namespace)] = overlay
     return overlay
 
@@ -69,7 +73,7 @@ def _with_synchronized_batch_norm(forward: Callable) -> Callable:
     """``forward`` itself (PyTorch's ``_BatchNorm.forward``, or a subclass's), its ``F.batch_norm``
     being :func:`dispatch.explicit_batch_norm`: the same code, every option, every new argument."""
     synchronized = types.FunctionType(forward.__code__, _overlay(forward.__globals__), forward.__name__,
-                                      forward.__defaults__, forward.__closure__)
+                                      forward.__defaults__, _closure(forward))
     synchronized.__kwdefaults__ = forward.__kwdefaults__
     synchronized.__qualname__ = forward.__qualname__
     synchronized.__module__ = forward.__module__
@@ -78,6 +82,23 @@ def _with_synchronized_batch_norm(forward: Callable) -> Callable:
     synchronized.__wrapped__ = forward  # type: ignore[attr-defined]
     setattr(synchronized, _SYNCHRONIZED_FORWARD, True)
     return synchronized
+
+
+def _closure(forward: Callable) -> Optional[tuple]:
+    """``forward``'s closure cells, with PyTorch's batch_norm (captured from an enclosing scope) made
+    autosyncbn's; every other cell is the same cell (``super()``'s ``__class__`` among them)."""
+    cells = forward.__closure__
+    if not cells:
+        return cells
+    plain = (dispatch.PLAIN_BATCH_NORM, F.batch_norm)
+    return tuple(types.CellType(dispatch.explicit_batch_norm) if _contents(cell) in plain else cell for cell in cells)
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell (a name not yet bound in the enclosing scope)
+        return None
 
 
 def _synchronized_signature(cls: type) -> Optional[inspect.Signature]:

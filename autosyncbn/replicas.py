@@ -278,7 +278,10 @@ def _replica_ended(root: nn.Module, args: Any, result: Any) -> None:
 
 
 def _warn_unreached(group: ReplicaGroup) -> None:
-    """Replica 0's layers that counted a training step without reaching autosyncbn."""
+    """Replica 0's layers that counted a training step without reaching autosyncbn.
+
+    (PyTorch's kernel updates running statistics without bumping their version:
+    a layer that does not count ``num_batches_tracked`` cannot be watched.)"""
     for layer_ref, version, index in group.watched:
         layer = layer_ref()
         if (layer is None or layer._buffers["num_batches_tracked"]._version == version

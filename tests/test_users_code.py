@@ -496,3 +496,45 @@ def test_a_call_on_the_quiet_path_is_one_decide_sends_to_pytorch_without_a_warni
     with autosyncbn.sync_report():
         assert not dispatch.nothing_to_synchronize()
     assert not autosyncbn.replicas.live_groups()
+
+
+# -- found in review: a layer called twice in one checkpointed segment, batch_norm imported by name ----
+class TwiceInASegment(nn.Module):
+    """IBN-Net's shape: after InstanceNorm both calls of ``bn`` see slices of about equal mean."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.conv, self.inorm, self.bn = nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4), nn.BatchNorm2d(4)
+
+    def segment(self, x):
+        a = self.inorm(self.conv(x))
+        return self.bn(a * 3) + self.bn(a)
+
+    def forward(self, x):
+        return checkpointing.checkpoint(self.segment, x, use_reentrant=self.mode == "reentrant")
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_a_layer_called_twice_in_a_checkpointed_segment_replays_each_call(mode, installed):
+    model = TwiceInASegment(mode)
+    reference = copy.deepcopy(model)
+    x = input_of_rank(4, 6, channels=3)
+    x_par, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_of(EmulatedDataParallel(model, 3)(x_par), torch.ones(6, 4, 4, 5)).backward()
+    loss_of(reference(x_ref), torch.ones(6, 4, 4, 5)).backward()
+    assert_close_to_scale(x_par.grad, x_ref.grad, what="input grad")
+    assert_models_match(model, reference)  # running_var: each recompute replays its own call
+
+
+def test_a_forward_calling_batch_norm_imported_by_name_synchronizes():
+    from torch.nn.functional import batch_norm
+
+    class ByName(autosyncbn.SynchronizedBatchNorm2d):
+        def forward(self, x):
+            return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.1, self.eps)
+
+    model, reference = ByName(3), nn.BatchNorm2d(3)
+    x = torch.randn(7, 3, 2, 2) * 2 + 1
+    torch.testing.assert_close(EmulatedDataParallelWithCallback(model, 3)(x), reference(x), atol=2e-5, rtol=0)
+    torch.testing.assert_close(model.running_var, reference.running_var)
