@@ -290,9 +290,7 @@ def _replay(args: tuple, owner: Optional[nn.Module], group: ReplicaGroup, replic
     if replica == 0 and layer_call.total > 0:
         update_running_stats(running_mean, running_var, layer_call.merged[0], layer_call.merged[1],
                              layer_call.total, float(momentum))
-    hooks = _saved_tensor_hooks(False)
-    packed = None if hooks is None else [functional.pack_part(hooks, input, weight)]
-    output, = functional.normalize(layer_call, (input,), (weight,), (bias,), packed)
+    output, = functional.normalize(layer_call, (input,), (weight,), (bias,), _packed_alone(input, weight))
     if report.OPEN:
         _record(args, owner, Route(To.REPLICAS, "recomputed (activation checkpointing): replayed"), group,
                 replica, layer)
@@ -363,10 +361,14 @@ def _over_processes(args: tuple, owner: Optional[nn.Module], group: Any) -> Tens
     if layer_call.total > 0:  # an empty whole batch leaves them, as PyTorch does
         update_running_stats(running_mean, running_var, layer_call.merged[0], layer_call.merged[1],
                              layer_call.total, float(momentum))
-    hooks = _saved_tensor_hooks(False)
-    packed = None if hooks is None else [functional.pack_part(hooks, input, weight)]
-    output, = functional.normalize(layer_call, (input,), (weight,), (bias,), packed)
+    output, = functional.normalize(layer_call, (input,), (weight,), (bias,), _packed_alone(input, weight))
     return functional.normalize_part(layer_call, output, input, weight, bias)
+
+
+def _packed_alone(input: Tensor, weight: Optional[Tensor]) -> Optional[list]:
+    """A node's one part packed with this thread's saved-tensor hooks, if any (see functional.pack_part)."""
+    hooks = _saved_tensor_hooks(False)
+    return None if hooks is None else [functional.pack_part(hooks, input, weight)]
 
 
 def _raise_one_value(call: functional.LayerCall, input: Tensor) -> NoReturn:
