@@ -138,11 +138,12 @@ _sum_over_ranks.register_autograd(_no_double_backward)
 # -- the layer call -------------------------------------------------------------------------------
 def compiled_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                         weight: Optional[Tensor], bias: Optional[Tensor], momentum: Union[float, Tensor],
-                        eps: float, group: Any, layer: str) -> Tensor:
+                        eps: float, group: Union[str, Any], layer: str) -> Tensor:
     """``F.batch_norm(..., training=True)`` with the whole batch's statistics over ``group``.
 
-    Traceable by ``torch.compile(fullgraph=True)``: ``group`` and ``layer`` (the
-    layer's qualified name, the same on every rank) are constants of the graph.
+    Traceable by ``torch.compile(fullgraph=True)``: ``group`` (a process group, or
+    its name) and ``layer`` (the layer's qualified name, the same on every rank)
+    are constants of the graph.
     Runs eagerly as well (the operators have their autograd). ``momentum``
     is the factor ``F.batch_norm`` takes (``_BatchNorm`` resolves ``None``).
     """
@@ -162,7 +163,7 @@ def compiled_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_v
     else:  # zeros, still connected to the input: this rank's backward meets its peers'
         mean = var = input.sum(dims, dtype=torch.float64)
     merged, total, _call = torch.ops.autosyncbn.sync_moments(
-        torch.stack([mean, var]), count, group.group_name, layer)
+        torch.stack([mean, var]), count, group if isinstance(group, str) else group.group_name, layer)
     batch_mean, batch_var = merged[0].to(dtype), merged[1].to(dtype)
     centered = x - batch_mean.view(shape)
     if dtype != torch.float64:

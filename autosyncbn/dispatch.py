@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import functional, naming, private_api, replicas, report, settings
+from . import compiling, functional, naming, private_api, replicas, report, settings
 from .distributed import ProcessGroupTransport, usable_group
 from .errors import CheckpointRecomputeError, SyncBatchNormError
 from .group import ReplicaGroup, contribution
@@ -452,8 +452,9 @@ def _explicit_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_
                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
                          eps: float) -> Tensor:
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if torch.compiler.is_compiling():  # run eagerly behind a graph break, and decide then
-        return _eagerly()(*args)
+    if torch.compiler.is_compiling():  # the compiled graph's own call (compiling.py)
+        output = compiling.batch_norm_when_compiled(*args)
+        return _eagerly()(*args) if output is None else output
     return batch_norm(PLAIN_BATCH_NORM, _EXPLICIT, args, {})
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import dispatch
+from . import compiling, dispatch
 from .naming import record_name
 from .parallel import DataParallelWithCallback
 from .replicas import EXCLUDED_ATTRIBUTE
@@ -57,9 +57,14 @@ def _overlay(namespace: dict) -> dict:
         def keys(self: dict) -> set:  # what copies see (TorchScript's resolution, debuggers): every name
             return namespace.keys() | dict.keys(self)
 
+        def get(self: dict, name: str, default: Any = None) -> Any:
+            return dict.get(self, name, namespace.get(name, default))
+
+        # ``in`` and ``get`` too: Dynamo (torch.compile) reads the globals of the code it traces so.
         cls = type("SynchronizedNamespace", (dict,), {
             "__slots__": (), "__missing__": namespace.__getitem__, "keys": keys,
-            "__iter__": lambda self: iter(keys(self)), "__len__": lambda self: len(keys(self))})
+            "__iter__": lambda self: iter(keys(self)), "__len__": lambda self: len(keys(self)),
+            "__contains__": lambda self, name: dict.__contains__(self, name) or name in namespace, "get": get})
         # ``F``, and PyTorch's batch_norm imported by name (``from torch.nn.functional import batch_norm``)
         plain = (dispatch.PLAIN_BATCH_NORM, F.batch_norm)  # PyTorch's, and its patch if install() holds now
         ours = {name: dispatch.explicit_batch_norm for name, value in namespace.items() if value in plain}
@@ -82,6 +87,16 @@ def _with_synchronized_batch_norm(forward: Callable) -> Callable:
     synchronized.__wrapped__ = forward  # type: ignore[attr-defined]
     setattr(synchronized, _SYNCHRONIZED_FORWARD, True)
     return synchronized
+
+
+def synchronized_forward(cls: type) -> Callable:
+    """``cls``'s forward, its ``F.batch_norm`` being :func:`dispatch.explicit_batch_norm` (made anew
+    unless it is already; a forward that is no Python function is left as it is)."""
+    owner = next(base for base in cls.__mro__ if "forward" in vars(base))
+    forward = vars(owner)["forward"]
+    if isinstance(forward, types.FunctionType) and not getattr(forward, _SYNCHRONIZED_FORWARD, False):
+        return _with_synchronized_batch_norm(forward)
+    return forward
 
 
 def _closure(forward: Callable) -> Optional[tuple]:
@@ -139,14 +154,15 @@ class _SynchronizedBatchNormMixin:
     __jit_ignored_attributes__ = ["process_group"]  # noqa: RUF012
     _autosyncbn_explicit = True  # dispatch: a layer of the explicit API
 
+    _call_impl = compiling.synchronized_call_impl  # under torch.compile the layer says who it is
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # The forward that runs: a subclass's own (kept, its F.batch_norm made autosyncbn's), one
         # already synchronized further up, or the BatchNorm class's, synchronized here.
-        owner = next(base for base in cls.__mro__ if "forward" in vars(base))
-        forward = vars(owner)["forward"]
-        if isinstance(forward, types.FunctionType) and not getattr(forward, _SYNCHRONIZED_FORWARD, False):
-            cls.forward = _with_synchronized_batch_norm(forward)  # type: ignore[attr-defined]
+        forward = synchronized_forward(cls)
+        if forward is not cls.forward:  # type: ignore[attr-defined]
+            cls.forward = forward  # type: ignore[attr-defined]
         cls.__signature__ = _synchronized_signature(cls)  # type: ignore[attr-defined]
 
     def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:

@@ -14,7 +14,11 @@ the last of them lets go:
   and its replicas registered (``replicas.register``), whoever runs them;
 - ``parallel_apply``, under each name DataParallel code calls it by: when it
   re-raises a replica that only saw a peer fail, the caller gets the peer's
-  own error instead (``replicas.reraise_root_failure``).
+  own error instead (``replicas.reraise_root_failure``);
+- ``CheckpointFunction.apply``: reentrant checkpoints inside synchronized
+  replicas run as non-reentrant ones (see :func:`_wrap_reentrant_checkpoint`);
+- ``_BatchNorm._call_impl``: PyTorch's fast path, and under ``torch.compile``
+  with ``distributed=True`` the layer tells ``compiling`` who it is.
 
 Scopes across threads: patching is process-wide, so a scope makes every
 thread's DataParallel forwards synchronize while it is open; each thread sees
@@ -34,8 +38,10 @@ import torch
 import torch.nn.parallel
 import torch.utils.checkpoint as checkpoint_module
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import report, settings
+from .compiling import batch_norm_call_impl
 from .dispatch import FUNCTIONAL_BATCH_NORM
 from .replicas import plan_of, register, reraise_replica_error, running_replica, warn_unregistered
 from .settings import DEFAULT_TIMEOUT, LayerFilter, Options
@@ -95,6 +101,8 @@ def _patch_table() -> list[Patch]:
         *[Patch(owner, "parallel_apply", wrapper=_wrap_parallel_apply)
           for owner in (data_parallel, parallel_apply, torch.nn.parallel)],
         Patch(checkpoint_module.CheckpointFunction, "apply", wrapper=_wrap_reentrant_checkpoint),
+        # A plain function, not a wrapt wrapper: Dynamo traces it (it cannot trace into wrapt's C proxy).
+        Patch(_BatchNorm, "_call_impl", replacement=batch_norm_call_impl),
     ]
 
 

@@ -12,7 +12,7 @@ import autosyncbn
 
 _PATCHED = [
     # install()'s table (autosyncbn.patching._patch_table): F.batch_norm, every name of replicate
-    # and parallel_apply, and reentrant checkpointing
+    # and parallel_apply, reentrant checkpointing, and _BatchNorm's _call_impl (for torch.compile)
     (torch.nn.functional, "batch_norm"),
     (nn.DataParallel, "replicate"),
     *[(owner, name) for owner in (sys.modules["torch.nn.parallel.data_parallel"],
@@ -20,6 +20,7 @@ _PATCHED = [
       for name in ("replicate", "parallel_apply") if name in vars(owner)],
     (sys.modules["torch.nn.parallel.parallel_apply"], "parallel_apply"),
     (torch.utils.checkpoint.CheckpointFunction, "apply"),
+    (sys.modules["torch.nn.modules.batchnorm"]._BatchNorm, "_call_impl"),
     # autosyncbn.testing's CPU broadcast seam, and patch_sync_batchnorm's name rebinding
     (sys.modules["torch.nn.parallel.replicate"], "_broadcast_coalesced_reshape"),
     *[(namespace, name) for namespace in (nn, sys.modules["torch.nn.modules"],

@@ -1,0 +1,158 @@
+"""BatchNorm layers under ``torch.compile``: who makes the call, and what the compiled graph holds.
+
+In eager mode ``dispatch`` finds the module making a batch-statistics call in
+the calling frame. Dynamo runs no frames while it traces, so under
+``torch.compile`` the layer says who it is: the ``_call_impl`` of autosyncbn's
+own layers (:func:`synchronized_call_impl`), and of every ``_BatchNorm`` while
+``install(distributed=True)`` holds (:func:`batch_norm_call_impl`), puts the
+module in :data:`CALLING` around its forward, a side effect Dynamo traces in
+order; the forward's ``F.batch_norm`` is ``dispatch.explicit_batch_norm``
+(the layer's forward as ``modules`` synchronizes it), which reads it there
+(:func:`batch_norm_when_compiled`).
+
+What the call becomes is decided once, while Dynamo traces, by plain Python:
+:func:`route_when_compiled` is marked for Dynamo the way
+``torch.compiler.assume_constant_result`` marks a function (it runs at trace
+time, with the real module, guarded by its identity; the answer is a constant
+of the graph). The answer is ``dispatch.decide``'s: PyTorch's own
+``batch_norm``, or ``compiled.compiled_batch_norm`` over the process group,
+whose exchange is two custom operators the graph keeps (no graph break,
+``fullgraph=True`` works). A call that would synchronize DataParallel replicas
+raises :data:`IN_REPLICAS_MESSAGE`: each replica thread runs its own compiled
+graph, whose autograd cannot hold the one node per layer that spans the
+replicas.
+
+In eager mode these ``_call_impl`` are PyTorch's own fast path (no hook: the
+forward at once; else ``nn.Module._call_impl``), so they cost no Python call
+more than PyTorch's, except :func:`synchronized_call_impl`'s one test for
+Dynamo.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
+
+from . import settings
+from .errors import SyncBatchNormError
+
+CALLING: list = [None]
+"""The BatchNorm module whose forward Dynamo traces now (None in eager mode, and after it)."""
+
+_MODULE_CALL_IMPL = nn.Module._call_impl
+_PLAIN_BATCH_NORM = F.batch_norm  # PyTorch's own (autosyncbn is imported before anything patches it)
+_tracing_state = torch._C._get_tracing_state
+_dynamo_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
+def synchronized_call_impl(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``nn.Module._call_impl`` of autosyncbn's layers: under ``torch.compile``, the layer says who it is."""
+    if _dynamo_compiling():
+        return _compiled_call(self, args, kwargs)
+    if (self._backward_hooks or self._backward_pre_hooks or self._forward_hooks or self._forward_pre_hooks
+            or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks
+            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+            or _tracing_state()):
+        return _MODULE_CALL_IMPL(self, *args, **kwargs)
+    return self.forward(*args, **kwargs)
+
+
+def batch_norm_call_impl(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``nn.Module._call_impl`` of every ``_BatchNorm`` under ``install()``: under ``torch.compile``
+    with ``distributed=True``, the layer says who it is and runs its forward with autosyncbn's batch_norm."""
+    if settings.DISTRIBUTED is not None and _dynamo_compiling():
+        return _compiled_call(self, args, kwargs)
+    if (self._backward_hooks or self._backward_pre_hooks or self._forward_hooks or self._forward_pre_hooks
+            or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks
+            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+            or _tracing_state()):
+        return _MODULE_CALL_IMPL(self, *args, **kwargs)
+    return self.forward(*args, **kwargs)
+
+
+def _compiled_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Traced by Dynamo: ``module``'s call, with :data:`CALLING` naming it while its forward runs."""
+    previous = CALLING[0]
+    CALLING[0] = module
+    try:
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__):
+            return _MODULE_CALL_IMPL(module, *args, **kwargs)  # its own forward (a plain one: see limits)
+        return getattr(FORWARDS, forward_when_compiled(type(module)))(module, *args, **kwargs)
+    finally:
+        CALLING[0] = previous
+
+
+def batch_norm_when_compiled(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                             momentum: Any, eps: float) -> Optional[Tensor]:
+    """Traced by Dynamo: ``F.batch_norm`` of the layer in :data:`CALLING`. None: no layer says who
+    it is (a forward called directly), so the caller runs it eagerly behind a graph break."""
+    if not training:
+        return _PLAIN_BATCH_NORM(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    owner = CALLING[0]
+    if owner is None:
+        return None
+    route = route_when_compiled(owner)
+    if route is None:
+        return _PLAIN_BATCH_NORM(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    from .compiled import compiled_batch_norm
+
+    return compiled_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *route)
+
+
+# -- decided at trace time, in plain Python ----------------------------------------------------------
+def _constant_for_dynamo(function: Callable) -> Callable:
+    """What ``torch.compiler.assume_constant_result`` does, without importing Dynamo (0.5 s) at import:
+    Dynamo calls ``function`` while tracing (objects passed by identity, guarded) and keeps its answer
+    as a constant. ``tests/test_compiled.py`` checks that the public decorator still sets the same mark."""
+    function._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return function
+
+
+@_constant_for_dynamo
+def route_when_compiled(owner: nn.Module) -> Optional[tuple]:
+    """Where a compiled training call of ``owner`` goes: None (PyTorch's own call), or
+    ``(process group name, layer name)``. Raises where a graph cannot synchronize. (Strings only:
+    Dynamo keeps constants it cannot guard, such as a function made here, as no graph's.)"""
+    from . import compiled, dispatch, naming
+    from .replicas import SEAT
+
+    seat = owner.__dict__.get(SEAT)
+    route = dispatch.decide(dispatch.BatchNormCall((), owner, *seat) if seat else dispatch.BatchNormCall((), owner))
+    if route.to is dispatch.To.PYTORCH:
+        return None
+    if route.to is dispatch.To.REPLICAS:
+        raise SyncBatchNormError(IN_REPLICAS_MESSAGE.format(name=naming.qualified_name(owner)))
+    return compiled.remember_group(route.group), naming.qualified_name(owner)
+
+
+class _Forwards:
+    """Each traced BatchNorm class's forward with autosyncbn's ``F.batch_norm``, an attribute each:
+    read by the traced code from here, so Dynamo guards it as any function it reads."""
+
+
+FORWARDS = _Forwards()
+
+
+@_constant_for_dynamo
+def forward_when_compiled(cls: type) -> str:
+    """The name in :data:`FORWARDS` of ``cls``'s forward with autosyncbn's ``F.batch_norm`` (made
+    on first use; autosyncbn's layers: their own forward)."""
+    name = f"{cls.__name__}_{id(cls):x}"  # an identifier (Dynamo reads it as an attribute)
+    if name not in vars(FORWARDS):
+        from . import modules
+
+        setattr(FORWARDS, name, modules.synchronized_forward(cls))
+    return name
+
+
+IN_REPLICAS_MESSAGE = (
+    "torch.compile is tracing BatchNorm layer '{name}' inside DataParallel replicas that autosyncbn "
+    "synchronizes: each replica thread runs its own compiled graph, which cannot hold the one autograd "
+    "node per layer that spans the replicas, so it would normalize per slice. Compile the model inside "
+    "one process per device instead (DistributedDataParallel: compiled synchronized BatchNorm works over "
+    "process groups), or run the DataParallel model uncompiled.")
