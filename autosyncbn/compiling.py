@@ -38,6 +38,7 @@ from torch.nn.modules import module as _torch_module
 
 from . import settings
 from .errors import SyncBatchNormError
+from .replicas import EXCLUDED_ATTRIBUTE, SEAT
 
 CALLING: list = [None]
 """The BatchNorm module whose forward Dynamo traces now (None in eager mode, and after it)."""
@@ -96,12 +97,34 @@ def batch_norm_when_compiled(input: Tensor, running_mean: Optional[Tensor], runn
     owner = CALLING[0]
     if owner is None:
         return None
-    route = route_when_compiled(owner)
+    # Read here, so that Dynamo guards them: a change of options or exclusion retraces the graph.
+    route = route_when_compiled(owner, getattr(owner, EXCLUDED_ATTRIBUTE, False), settings.VERSION)
     if route is None:
-        return _PLAIN_BATCH_NORM(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _pytorch_training_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps)
     from .compiled import compiled_batch_norm
 
     return compiled_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, *route)
+
+
+def _pytorch_training_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                 weight: Optional[Tensor], bias: Optional[Tensor], momentum: Any,
+                                 eps: float) -> Tensor:
+    """``F.batch_norm(..., training=True)`` as PyTorch computes it, by its checks and ``torch.batch_norm``.
+
+    Not ``F.batch_norm`` itself: a compiled graph calls that by its name, which
+    ``install()`` patches, so the graph's own trace would meet dispatch again
+    without knowing the layer (and refuse, under ``distributed=True``).
+    """
+    size = input.shape
+    values = size[0]
+    for extent in size[2:]:
+        values *= extent
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    return torch.batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps,
+                            torch.backends.cudnn.enabled)
 
 
 # -- decided at trace time, in plain Python ----------------------------------------------------------
@@ -114,12 +137,12 @@ def _constant_for_dynamo(function: Callable) -> Callable:
 
 
 @_constant_for_dynamo
-def route_when_compiled(owner: nn.Module) -> Optional[tuple]:
+def route_when_compiled(owner: nn.Module, excluded: bool, version: int) -> Optional[tuple]:
     """Where a compiled training call of ``owner`` goes: None (PyTorch's own call), or
     ``(process group name, layer name)``. Raises where a graph cannot synchronize. (Strings only:
-    Dynamo keeps constants it cannot guard, such as a function made here, as no graph's.)"""
+    Dynamo cannot guard a function made here.) ``excluded`` and ``version`` (the options' count of
+    changes) are read from ``owner`` and ``settings`` by the traced caller, so Dynamo guards them."""
     from . import compiled, dispatch, naming
-    from .replicas import SEAT
 
     seat = owner.__dict__.get(SEAT)
     route = dispatch.decide(dispatch.BatchNormCall((), owner, *seat) if seat else dispatch.BatchNormCall((), owner))

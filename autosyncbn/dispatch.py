@@ -310,7 +310,7 @@ def _tensor_subclass(wrapped: Callable[..., Tensor], args: tuple, owner: Optiona
         # torch.compile treats F.batch_norm as one operator: it runs this on fake
         # tensors to trace it, and the compiled graph never calls it again.
         if _may_synchronize(owner):
-            raise SyncBatchNormError(_COMPILE_MESSAGE)
+            raise SyncBatchNormError(_COMPILE_MESSAGE.format(layer=_traced_layer()))
         return wrapped(*args)
     if owner is None:
         owner = naming.calling_module()
@@ -409,6 +409,12 @@ def _tracing(input: Any) -> bool:
     return private_api.is_fake(input)
 
 
+def _traced_layer() -> str:
+    """`` of layer 'name'`` as the compiler's module stack names it, where it does."""
+    stack = torch.fx.traceback.get_current_meta().get("nn_module_stack") or {}
+    return f" of layer {list(stack.values())[-1][0]!r}" if stack else ""
+
+
 def _may_synchronize(owner: Optional[nn.Module]) -> bool:
     """At trace time: could this call synchronize when it runs? Reads nothing a tracer cannot."""
     if replicas.running_replica() is not None or (owner is not None and SEAT in owner.__dict__):
@@ -419,12 +425,12 @@ def _may_synchronize(owner: Optional[nn.Module]) -> bool:
 
 
 _COMPILE_MESSAGE = (
-    "torch.compile is tracing a BatchNorm call that autosyncbn must synchronize (across "
-    "DataParallel replicas or a process group): a compiled graph would normalize per slice. "
-    "Convert the model before compiling, model = autosyncbn.convert_model(model): its "
-    "layers synchronize behind a graph break. Subclasses with their own forward (timm's "
-    "BatchNormAct2d) cannot be converted: run those models uncompiled, or compile with "
-    "torch.compile(model, backend='eager').")
+    "torch.compile is tracing a BatchNorm call{layer} that autosyncbn must synchronize but cannot place "
+    "in the compiled graph, which would normalize it per slice: it comes from a module that is no "
+    "torch.nn.modules.batchnorm._BatchNorm subclass, from a BatchNorm layer with hooks, from outside any "
+    "module, or from a DataParallel replica. Make the layer a _BatchNorm subclass (or convert it: "
+    "autosyncbn.convert_model), remove its hooks, or keep that module out of the graph, "
+    "module.forward = torch.compiler.disable(module.forward): it then synchronizes as in eager mode.")
 
 
 # -- the patch of torch.nn.functional.batch_norm, and autosyncbn's own layers -----------

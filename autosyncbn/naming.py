@@ -27,6 +27,7 @@ NAME_ATTRIBUTE = "_autosyncbn_name"
 _SKIPPED = ("autosyncbn.", "wrapt", "torch.nn.functional", "torch.nn.modules.module")
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 _MAX_FRAMES = 64
+_MAX_NAMING_FRAMES = 1024  # once per layer; torch.compile's tracer stands ~120 frames below the model's call
 
 
 def _module_of(frame: FrameType) -> Optional[nn.Module]:
@@ -76,25 +77,36 @@ def _path_on_stack(owner: nn.Module) -> Optional[str]:
     """``parent.child...owner`` from the modules whose calls are on the stack."""
     chain = [owner]
     frame = _frames_above_autosyncbn()
-    for _ in range(_MAX_FRAMES):
+    for _ in range(_MAX_NAMING_FRAMES):
         if frame is None:
             break
         module = _module_of(frame)
         if module is not None and module is not chain[-1]:
             if _child_name(module, chain[-1]) is None:
-                break  # called, but not its registered child: the path ends here
+                break  # called, but not its registered descendant: the path ends here
             chain.append(module)
         frame = frame.f_back
-    while len(chain) > 1 and isinstance(chain[-1], _WRAPPERS):
-        chain.pop()  # "module." of DataParallel/DDP says nothing about the layer
-    if len(chain) == 1:
-        return None
-    parts = [_child_name(parent, child) for child, parent in zip(chain, chain[1:])]
-    return ".".join(reversed(parts))  # type: ignore[arg-type]
+    parts: list = [_child_name(parent, child) for child, parent in zip(chain, chain[1:])]  # innermost first
+    while parts and _is_wrapper(chain[-1]):
+        # "module." of DataParallel/DDP, "_orig_mod." of torch.compile say nothing of the layer
+        chain.pop()
+        below = parts.pop().partition(".")[2]
+        if below:
+            parts.append(below)
+    return ".".join(reversed(parts)) if parts else None
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, _WRAPPERS) or type(module).__name__ == "OptimizedModule"
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> Optional[str]:
+    """``child``'s name in ``parent``: a direct child's key, else its dotted path among the
+    descendants (frames between them may be missing: torch.compile's tracer runs none)."""
     for key, value in parent._modules.items():
         if value is child:
             return key
+    for path, value in parent.named_modules():
+        if value is child:
+            return path
     return None

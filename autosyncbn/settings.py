@@ -76,10 +76,14 @@ _tokens = itertools.count()
 _snapshot: tuple = (None, ())
 DISTRIBUTED: Optional[Options] = None
 """Options that asked for process groups (``distributed=True``), if any do; read without the lock."""
+VERSION = 0
+"""Counts the changes of options: compiled graphs read it, so Dynamo recompiles them after one
+(their synchronized layers were routed with the options they were traced with)."""
 
 
 def _publish() -> None:
-    global _snapshot, DISTRIBUTED
+    global _snapshot, DISTRIBUTED, VERSION
+    VERSION += 1
     scopes = tuple(_scopes.values())
     _snapshot = (_installed, scopes)
     every = ([_installed] if _installed is not None else []) + [options for _, options in scopes]
