@@ -44,6 +44,7 @@ from torch import Tensor
 from .distributed import ProcessGroupTransport
 from .eps_mode import get_sbn_eps_mode
 from .errors import SyncBatchNormError
+from .functional import SECOND_BACKWARD_MESSAGE
 from .moments import chan_merge
 from .private_api import process_groups
 
@@ -126,9 +127,7 @@ def _backward(ctx: Any, grad_merged: Optional[Tensor], _total: Any, _call: Any) 
 
 
 def _no_double_backward(ctx: Any, grad: Tensor) -> tuple:
-    raise SyncBatchNormError(
-        "a second backward (create_graph=True, then backward) through a BatchNorm synchronized across "
-        "processes is not supported: its first backward sums over the ranks outside autograd, as in eager.")
+    raise SyncBatchNormError(SECOND_BACKWARD_MESSAGE)
 
 
 _sync_moments.register_autograd(_backward, setup_context=_setup_context)

@@ -162,8 +162,11 @@ class _SynchronizedNormalization(torch.autograd.Function):
         else:
             inputs, weights = _unpacked(ctx.packed)
         if ctx.call.transport is not None and torch.is_grad_enabled():
-            gradients = _gradients_once_differentiable(ctx.call, inputs, weights, ctx.bias_dtypes,
-                                                       grad_outputs, ctx.needs_input_grad[3:])
+            with torch.no_grad():
+                gradients = _gradients(ctx.call, inputs, weights, ctx.bias_dtypes, grad_outputs,
+                                       ctx.needs_input_grad[3:])
+            if any(t is not None and t.requires_grad for t in (*inputs, *weights, *grad_outputs)):
+                gradients = refuse_second_backward(gradients)
         else:
             gradients = _gradients(ctx.call, inputs, weights, ctx.bias_dtypes, grad_outputs,
                                    ctx.needs_input_grad[3:])
@@ -314,8 +317,40 @@ def _gradients(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Opti
     return results
 
 
-_gradients_once_differentiable = torch.autograd.function.once_differentiable(_gradients)
-"""Over a transport the sums cross processes outside autograd: a second backward raises."""
+SECOND_BACKWARD_MESSAGE = (
+    "a second backward (create_graph=True, then a backward through the gradient, as in a gradient "
+    "penalty) through a BatchNorm synchronized across processes is not supported: its first backward "
+    "sums over the ranks outside autograd, so a second one would miss the other ranks' terms. "
+    "Synchronize across DataParallel replicas for it, or exclude the layer (autosyncbn.exclude).")
+
+
+class _SecondBackwardRefused(torch.autograd.Function):
+    """The first backward's gradients, as they are; differentiating them raises.
+
+    Over a transport the sums cross processes outside autograd, so a second
+    backward would silently miss the other ranks' terms. (PyTorch's
+    ``once_differentiable`` cannot say so here: it looks for tensors among its
+    direct arguments, and these come in sequences.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *gradients: Tensor) -> tuple[Tensor, ...]:
+        return tuple(gradient.view_as(gradient) for gradient in gradients)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise SyncBatchNormError(SECOND_BACKWARD_MESSAGE)
+
+
+def refuse_second_backward(gradients: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    """``gradients`` (computed without a graph) made to raise :data:`SECOND_BACKWARD_MESSAGE` if differentiated."""
+    present = [index for index, gradient in enumerate(gradients) if gradient is not None]
+    refused = _SecondBackwardRefused.apply(*[gradients[index].detach().requires_grad_()  # type: ignore[union-attr]
+                                             for index in present])
+    results = list(gradients)
+    for index, gradient in zip(present, refused):
+        results[index] = gradient
+    return results
 
 
 def _differentiable_statistics(call: LayerCall, inputs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

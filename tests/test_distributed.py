@@ -266,6 +266,31 @@ def test_subclass_and_compile_over_a_process_group():
     run_ranks(worker_subclass_and_compile, 2, deadline=150)
 
 
+def worker_second_backward(rank, world, route):
+    """A gradient penalty across processes: the first-order gradient is one process's, a backward
+    through it raises (its cross-rank terms would be missing), on every rank alike."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model = autosyncbn.convert_model(copy.deepcopy(plain)) if route == "explicit" else copy.deepcopy(plain)
+    x_all, target_all = torch.randn(6, 3, 5, 5), torch.randn(6, 4, 3, 3)
+    x_ref = x_all.clone().requires_grad_()
+    out = plain(x_ref)
+    expected, = torch.autograd.grad((out * target_all).sum() + out.pow(3).sum(), x_ref)
+    x = x_all.chunk(world)[rank].clone().requires_grad_()
+    with autosyncbn.patched(distributed=True) if route == "install" else contextlib.nullcontext():
+        out = model(x)
+        grad, = torch.autograd.grad((out * target_all.chunk(world)[rank]).sum() + out.pow(3).sum(), x,
+                                    create_graph=True)
+    assert_close_to_scale(grad, expected.chunk(world)[rank], what="first-order gradient")
+    with pytest.raises(autosyncbn.SyncBatchNormError, match="second backward"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("route", ["explicit", "install"])
+def test_a_second_backward_across_processes_raises_instead_of_missing_terms(route):
+    run_ranks(worker_second_backward, 2, route)
+
+
 def worker_skipped_backward(rank, world):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
