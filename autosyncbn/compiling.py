@@ -98,7 +98,7 @@ def batch_norm_when_compiled(input: Tensor, running_mean: Optional[Tensor], runn
     if owner is None:
         return None
     # Read here, so that Dynamo guards them: a change of options or exclusion retraces the graph.
-    route = route_when_compiled(owner, getattr(owner, EXCLUDED_ATTRIBUTE, False), settings.VERSION)
+    route = route_when_compiled(owner, getattr(owner, EXCLUDED_ATTRIBUTE, False), settings.ROUTING)
     if route is None:
         return _pytorch_training_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps)
     from .compiled import compiled_batch_norm
@@ -137,11 +137,11 @@ def _constant_for_dynamo(function: Callable) -> Callable:
 
 
 @_constant_for_dynamo
-def route_when_compiled(owner: nn.Module, excluded: bool, version: int) -> Optional[tuple]:
+def route_when_compiled(owner: nn.Module, excluded: bool, routing: int) -> Optional[tuple]:
     """Where a compiled training call of ``owner`` goes: None (PyTorch's own call), or
     ``(process group name, layer name)``. Raises where a graph cannot synchronize. (Strings only:
-    Dynamo cannot guard a function made here.) ``excluded`` and ``version`` (the options' count of
-    changes) are read from ``owner`` and ``settings`` by the traced caller, so Dynamo guards them."""
+    Dynamo cannot guard a function made here.) ``excluded`` and ``routing`` (``settings.ROUTING``)
+    are read from ``owner`` and ``settings`` by the traced caller, so Dynamo guards them."""
     from . import compiled, dispatch, naming
 
     seat = owner.__dict__.get(SEAT)

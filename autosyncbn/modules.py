@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import sys
 import types
 from typing import Any, Callable, Optional, TypeVar
 
@@ -51,6 +52,11 @@ def _overlay(namespace: dict) -> dict:
     monkeypatched or a ``global`` assigned in the module later is seen, as by
     the original function. (A ``global`` assignment made inside the
     synchronized forward itself stays in the overlay.)
+
+    Its ``__name__`` names a module in ``sys.modules`` whose attributes are the
+    overlay's (:class:`_OverlayModule`): Dynamo (``torch.compile``) reads a
+    traced function's globals from the function, but guards them as attributes
+    of the module its ``__name__`` names.
     """
     overlay = _overlays.get(id(namespace))
     if overlay is None:
@@ -68,10 +74,26 @@ def _overlay(namespace: dict) -> dict:
         # ``F``, and PyTorch's batch_norm imported by name (``from torch.nn.functional import batch_norm``)
         plain = (dispatch.PLAIN_BATCH_NORM, F.batch_norm)  # PyTorch's, and its patch if install() holds now
         ours = {name: dispatch.explicit_batch_norm for name, value in namespace.items() if value in plain}
+        name = f"{__name__}.synchronized_{len(_overlays)}_{namespace.get('__name__', '')}"
         overlay = cls(F=_LAYER_FUNCTIONAL, __builtins__=namespace.get("__builtins__", builtins),
-                      __name__=namespace.get("__name__"), **ours)
+                      __name__=name, **ours)
+        sys.modules[name] = _OverlayModule(name, overlay)
         _overlays[id(namespace)] = overlay
     return overlay
+
+
+class _OverlayModule(types.ModuleType):
+    """A module whose attributes are read from an overlay namespace (see :func:`_overlay`)."""
+
+    def __init__(self, name: str, overlay: dict) -> None:
+        super().__init__(name, "Globals of autosyncbn's synchronized forwards (read from the overlay).")
+        self.__dict__["_overlay"] = overlay
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_overlay"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _with_synchronized_batch_norm(forward: Callable) -> Callable:

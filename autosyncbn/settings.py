@@ -76,18 +76,20 @@ _tokens = itertools.count()
 _snapshot: tuple = (None, ())
 DISTRIBUTED: Optional[Options] = None
 """Options that asked for process groups (``distributed=True``), if any do; read without the lock."""
-VERSION = 0
-"""Counts the changes of options: compiled graphs read it, so Dynamo recompiles them after one
-(their synchronized layers were routed with the options they were traced with)."""
+ROUTING = 0
+"""A number that changes when the options that route a call change (not when a scope with the same
+options opens again): compiled graphs read it, so Dynamo retraces them after such a change (their
+synchronized layers were routed with the options they were traced with)."""
 
 
 def _publish() -> None:
-    global _snapshot, DISTRIBUTED, VERSION
-    VERSION += 1
+    global _snapshot, DISTRIBUTED, ROUTING
     scopes = tuple(_scopes.values())
     _snapshot = (_installed, scopes)
     every = ([_installed] if _installed is not None else []) + [options for _, options in scopes]
     DISTRIBUTED = next((options for options in reversed(every) if options.distributed), None)
+    # What decides a route (the timeout does not), by identity: the same filter or group is the same.
+    ROUTING = hash(tuple((options.distributed, id(options.process_group), id(options.exclude)) for options in every))
 
 
 def lock() -> "threading.RLock":
