@@ -28,9 +28,7 @@ accumulation dtype (float32 for half inputs), and the running statistics
 A whole batch with one value per channel raises PyTorch's ``ValueError`` on
 every rank from inside ``sync_moments`` (every rank sees every count).
 
-Not yet reached from the layers (issue 21): a compiled converted model or
-``install(distributed=True)`` still takes the eager path (a graph break, or a
-clear error); wiring :func:`compiled_batch_norm` into ``dispatch`` is next.
+Compiled layers reach :func:`compiled_batch_norm` through ``compiling.py``.
 """
 from __future__ import annotations
 

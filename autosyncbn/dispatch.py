@@ -27,11 +27,12 @@ it recomputes (:func:`_replay`). A tensor-subclass input (MONAI's
 ``MetaTensor``) goes through its ``__torch_function__`` first, as in
 ``F.batch_norm``, and is normalized as a plain view.
 
-Under ``torch.compile``: autosyncbn's own layers run eagerly behind a graph
-break, so they synchronize exactly as eager ones. ``F.batch_norm`` itself is
-one operator to the compiler, traced on fake tensors: a call of it that would
-have to synchronize raises a clear error instead of compiling to per-slice
-statistics; any other is traced as PyTorch's own.
+Under ``torch.compile`` (``compiling.py``): a ``_BatchNorm`` layer says who
+it is while Dynamo traces it, and :func:`decide` routes its call once, at
+trace time; a synchronized call compiles to ``compiled.compiled_batch_norm``.
+``F.batch_norm`` reached otherwise is one operator to the compiler, traced on
+fake tensors: a call of it that would have to synchronize raises a clear error
+instead of compiling to per-slice statistics; any other is PyTorch's own.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_compile  # noqa: E402
 import bench_gloo  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_layer  # noqa: E402
@@ -78,6 +79,13 @@ def table(results: dict) -> str:
     rows.append(f"| DDP step over gloo, 2 processes, synchronized / local | {gloo['ratio']:.3f}x | "
                 f"collective floor {gloo['floor']:.3f}x, all-reduce peer {peer:.3f}x "
                 f"| <= 0.97x the peer (autosyncbn / peer: {gloo['ratio'] / peer:.2f}x) |")
+    compiled = results["compile"]
+    ratios = compiled["ratios"]
+    rows.append(f"| torch.compile ({compiled['backend']}, fullgraph) training step over gloo, 2 processes, "
+                f"compiled synchronized / compiled local | {ratios['compiled synchronized / compiled local']:.3f}x | "
+                f"eager synchronized / eager local {ratios['eager synchronized / eager local']:.3f}x; "
+                f"compiled / eager synchronized {ratios['compiled synchronized / eager synchronized']:.3f}x; "
+                f"{compiled['graphs']} graph, {compiled['graph_breaks']} graph breaks | <= the eager ratio, 0 breaks |")
     return "\n".join(rows)
 
 
@@ -119,6 +127,7 @@ def main() -> None:
         "memory": bench_memory.main(),
         "numerics": bench_numerics.main(),
         "gloo": bench_gloo.main(),
+        "compile": bench_compile.main(),
     }
     if args.gpu:
         bench_gpu.main()
