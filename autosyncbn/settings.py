@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
@@ -89,7 +90,31 @@ def _publish() -> None:
     every = ([_installed] if _installed is not None else []) + [options for _, options in scopes]
     DISTRIBUTED = next((options for options in reversed(every) if options.distributed), None)
     # What decides a route (the timeout does not), by identity: the same filter or group is the same.
-    ROUTING = hash(tuple((options.distributed, id(options.process_group), id(options.exclude)) for options in every))
+    ROUTING = hash(tuple((options.distributed, _serial(options.process_group), _serial(options.exclude))
+                         for options in every))
+
+
+_serials: dict[int, tuple[Any, int]] = {}  # id(object) -> (a weak reference to it, or itself; its serial)
+_next_serial = itertools.count(1)
+
+
+def _serial(value: Any) -> int:
+    """A number of ``value``'s own that no later object gets (an ``id`` may be reused once it is freed)."""
+    if value is None:
+        return 0
+    key = id(value)
+    known = _serials.get(key)
+    if known is not None:
+        held, serial = known
+        if (held() if isinstance(held, weakref.ref) else held) is value:
+            return serial
+    try:
+        held = weakref.ref(value, lambda _: _serials.pop(key, None))
+    except TypeError:  # no weak references to it (some process groups): kept, as the group is anyway
+        held = value
+    serial = next(_next_serial)
+    _serials[key] = (held, serial)
+    return serial
 
 
 def lock() -> "threading.RLock":

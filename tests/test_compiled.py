@@ -386,3 +386,23 @@ def test_import_registers_no_operator():
     code = ("import sys, torch, autosyncbn; assert 'autosyncbn.compiled' not in sys.modules; "
             "assert not hasattr(torch.ops.autosyncbn, 'sync_moments')")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_compiled_graphs_see_every_new_filter_but_not_a_scope_opened_again():
+    """settings.ROUTING, which compiled graphs are guarded on: the same options in a new patched()
+    scope keep it (no retrace each step); a new exclude filter changes it, even one that Python
+    allocates where a freed filter was (an ``id`` may be reused)."""
+    from autosyncbn import settings
+
+    scopes = set()
+    for _ in range(3):
+        with autosyncbn.patched(distributed=True):
+            scopes.add(settings.ROUTING)
+    assert len(scopes) == 1
+    seen = []
+    for index in range(6):
+        autosyncbn.install(distributed=True, exclude=lambda name, layer, index=index: index % 2 == 0)
+        seen.append(settings.ROUTING)
+        autosyncbn.uninstall()
+        gc.collect()
+    assert len(set(seen)) == len(seen)
