@@ -9,24 +9,24 @@ imported (only compiling code imports it, so ``import autosyncbn`` stays cheap):
     (its header checks that ranks agree: layer, channels, call number) and
     merged by Chan's formula (``moments.chan_merge``), out: the whole batch's
     (2, C) moments, its value count and the transport's call number;
-``autosyncbn::sum_over_ranks(grad, call, group_name, layer) -> summed``
-    the backward of ``sync_moments``: a (2, C) gradient summed over the ranks
-    by the same transport, its header carrying the forward's call number.
+``autosyncbn::normalize(x, weight, bias, merged, invstd, ...) -> y``
+    ``(x - mean) * invstd * weight + bias`` in the accumulation dtype (float32
+    for half inputs); its backward is
+``autosyncbn::normalize_backward(grad, x, ...) -> (dx, local sums)``
+    eager mode's one formula, ``dx = scale * (dy - sum(dy)/N - xhat *
+    sum(dy xhat)/N)``, with this rank's (sum dy, sum dy * xhat) summed over the
+    ranks by the same transport, its header carrying the forward's call number.
+    Differentiating it raises (the sum crosses processes outside autograd).
 
-Every rank merges the same moments, so the gradient of the merged moments
-summed over the ranks, times the merge's Jacobian at this rank's moments, is
-this rank's share: ``d mean / d mean_i = w_i``, ``d var / d var_i = w_i``,
-``d var / d mean_i = 2 w_i (mean_i - mean)`` with ``w_i = n_i / N``. One
-collective of 2 * C values per layer in backward, as in eager.
-
-Everything else in :func:`compiled_batch_norm` is plain differentiable torch
-code the compiler traces and autograd differentiates: local moments
-(float64 mean, the variance accumulated as PyTorch's kernel does), the
-normalization ``(x - mean) * rsqrt(var + eps) * weight + bias`` in the
-accumulation dtype (float32 for half inputs), and the running statistics
-(``lerp_`` with the unbiased variance, exactly as ``moments.update_running_stats``).
-A whole batch with one value per channel raises PyTorch's ``ValueError`` on
-every rank from inside ``sync_moments`` (every rank sees every count).
+The collectives send exactly what eager mode sends (``functional.merge_over``
+and ``functional._gradients``), so a compiled rank and an eager one (a rank
+past Dynamo's recompile limit runs eagerly) meet and compute the same numbers.
+Local
+moments (float64 mean, the variance accumulated as PyTorch's kernel does) and
+the running statistics (``lerp_`` with the unbiased variance, exactly as
+``moments.update_running_stats``) are plain code the compiler traces. A whole
+batch with one value per channel raises PyTorch's ``ValueError`` on every
+rank from inside ``sync_moments`` (every rank sees every count).
 
 Compiled layers reach :func:`compiled_batch_norm` through ``compiling.py``.
 """
@@ -39,11 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import functional
 from .distributed import ProcessGroupTransport
-from .eps_mode import get_sbn_eps_mode
 from .errors import SyncBatchNormError
 from .functional import SECOND_BACKWARD_MESSAGE
-from .moments import chan_merge
+from .moments import accumulation_dtype, local_moments
 from .private_api import process_groups
 
 # -- process groups by name: operators take strings ------------------------------------------------
@@ -74,62 +74,88 @@ def _group(name: str) -> Any:
 # -- the operators --------------------------------------------------------------------------------
 @torch.library.custom_op(
     "autosyncbn::sync_moments", mutates_args=(),
-    schema="(Tensor local, SymInt count, str group_name, str layer) -> (Tensor, Tensor, Tensor)")
-def _sync_moments(local: Tensor, count: int, group_name: str, layer: str) -> tuple[Tensor, Tensor, Tensor]:
+    schema="(Tensor input, float eps, str group_name, str layer) -> (Tensor, Tensor, Tensor, Tensor)")
+def _sync_moments(input: Tensor, eps: float, group_name: str, layer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    channels = input.shape[1]
+    count = input.numel() // channels if channels else 0
     transport = ProcessGroupTransport(_group(group_name), layer)
-    counts, gathered = transport.gather(int(count), local[0], local[1])
-    total = sum(counts)
-    if total == 1:  # every rank sees every count: every rank raises here
+    call = functional.merge_over(transport, input, count, local_moments(input), eps)
+    if call.total == 1:  # every rank sees every count: every rank raises here
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got {total} value(s) per channel over "
+            f"Expected more than 1 value per channel when training, got {call.total} value(s) per channel over "
             f"the whole batch (this rank's part has {count}; layer '{layer}')")
-    merged = chan_merge(tuple(counts), gathered.to(local.device))
-    return (merged, torch.tensor(float(total), dtype=torch.float64, device=local.device),
-            torch.tensor(transport.call, dtype=torch.int64))
+    return (call.merged, torch.tensor(float(call.total), dtype=torch.float64),
+            torch.tensor(transport.call, dtype=torch.int64), torch.tensor(call.wide))
 
 
 @_sync_moments.register_fake
-def _(local: Tensor, count: int, group_name: str, layer: str) -> tuple[Tensor, Tensor, Tensor]:
-    return (torch.empty_like(local), local.new_empty((), dtype=torch.float64),
-            torch.empty((), dtype=torch.int64))
+def _(input: Tensor, eps: float, group_name: str, layer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (input.new_empty((2, input.shape[1]), dtype=torch.float64), input.new_empty((), dtype=torch.float64),
+            torch.empty((), dtype=torch.int64), torch.empty((), dtype=torch.bool))
+
+
+def _layer_call(input: Tensor, merged: Tensor, total: Tensor, wide: Tensor, eps: float,
+                transport: Optional[ProcessGroupTransport] = None) -> functional.LayerCall:
+    return functional.LayerCall(merged, int(total), eps, accumulation_dtype(input.dtype), transport, bool(wide))
 
 
 @torch.library.custom_op(
-    "autosyncbn::sum_over_ranks", mutates_args=(),
-    schema="(Tensor grad, Tensor call, str group_name, str layer) -> Tensor")
-def _sum_over_ranks(grad: Tensor, call: Tensor, group_name: str, layer: str) -> Tensor:
-    transport = ProcessGroupTransport.resume(_group(group_name), layer, int(call), grad.shape[1])
-    return transport.sum_gradients(grad.double()).to(device=grad.device, dtype=grad.dtype)
+    "autosyncbn::normalize", mutates_args=(),
+    schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor merged, Tensor total, Tensor call, Tensor wide, "
+           "float eps, str group_name, str layer) -> Tensor")
+def _normalize(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], merged: Tensor, total: Tensor,
+               call: Tensor, wide: Tensor, eps: float, group_name: str, layer: str) -> Tensor:
+    return functional.normalize_part(_layer_call(input, merged, total, wide, eps), torch.empty_like(input), input,
+                                     weight, bias)
 
 
-@_sum_over_ranks.register_fake
-def _(grad: Tensor, call: Tensor, group_name: str, layer: str) -> Tensor:
-    return torch.empty_like(grad)
+@_normalize.register_fake
+def _(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], merged: Tensor, total: Tensor,
+      call: Tensor, wide: Tensor, eps: float, group_name: str, layer: str) -> Tensor:
+    return torch.empty_like(input)
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    local, count, group_name, layer = inputs
-    merged, total, call = output
-    ctx.save_for_backward(local, merged, total, call)
-    ctx.count, ctx.group_name, ctx.layer = count, group_name, layer
+@torch.library.custom_op(
+    "autosyncbn::normalize_backward", mutates_args=(),
+    schema="(Tensor grad, Tensor input, Tensor? weight, Tensor merged, Tensor total, Tensor call, Tensor wide, "
+           "float eps, str group_name, str layer) -> (Tensor, Tensor)")
+def _normalize_backward(grad: Tensor, input: Tensor, weight: Optional[Tensor], merged: Tensor, total: Tensor,
+                        call: Tensor, wide: Tensor, eps: float, group_name: str, layer: str) -> tuple[Tensor, Tensor]:
+    """(dx, this rank's (sum dy, sum dy * xhat)): eager mode's formula and collective, by eager mode's code."""
+    transport = ProcessGroupTransport.resume(_group(group_name), layer, int(call), input.shape[1])
+    layer_call = _layer_call(input, merged, total, wide, eps, transport)
+    grad_input, sum_dy_xhat, sum_dy = functional.part_gradients(layer_call, input, weight, grad)
+    return grad_input, torch.stack([sum_dy, sum_dy_xhat])
 
 
-def _backward(ctx: Any, grad_merged: Optional[Tensor], _total: Any, _call: Any) -> tuple:
-    local, merged, total, call = ctx.saved_tensors
-    if grad_merged is None:  # every rank still meets in the collective
-        grad_merged = torch.zeros_like(merged)
-    summed = torch.ops.autosyncbn.sum_over_ranks(grad_merged, call, ctx.group_name, ctx.layer)
-    weight = ctx.count / total.clamp(min=1.0)  # n_i / N (0 for an empty part)
-    grad_mean = weight * (summed[0] + 2.0 * (local[0] - merged[0]) * summed[1])
-    return torch.stack([grad_mean, weight * summed[1]]), None, None, None
+@_normalize_backward.register_fake
+def _(grad: Tensor, input: Tensor, weight: Optional[Tensor], merged: Tensor, total: Tensor, call: Tensor,
+      wide: Tensor, eps: float, group_name: str, layer: str) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(input), input.new_empty((2, input.shape[1]), dtype=accumulation_dtype(input.dtype))
 
 
-def _no_double_backward(ctx: Any, grad: Tensor) -> tuple:
+def _setup_normalize(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    input, weight, bias, merged, total, call, wide, eps, group_name, layer = inputs
+    ctx.save_for_backward(input, weight, merged, total, call, wide)
+    ctx.eps, ctx.group_name, ctx.layer = eps, group_name, layer
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_normalize(ctx: Any, grad: Tensor) -> tuple:
+    input, weight, merged, total, call, wide = ctx.saved_tensors
+    grad_input, sums = torch.ops.autosyncbn.normalize_backward(grad, input, weight, merged, total, call, wide,
+                                                               ctx.eps, ctx.group_name, ctx.layer)
+    grad_weight = None if weight is None else sums[1].to(weight.dtype)
+    grad_bias = None if ctx.bias_dtype is None else sums[0].to(ctx.bias_dtype)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _no_double_backward(ctx: Any, *grads: Any) -> tuple:
     raise SyncBatchNormError(SECOND_BACKWARD_MESSAGE)
 
 
-_sync_moments.register_autograd(_backward, setup_context=_setup_context)
-_sum_over_ranks.register_autograd(_no_double_backward)
+_normalize.register_autograd(_backward_normalize, setup_context=_setup_normalize)
+_normalize_backward.register_autograd(_no_double_backward)
 
 
 # -- the layer call -------------------------------------------------------------------------------
@@ -140,49 +166,21 @@ def compiled_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_v
 
     Traceable by ``torch.compile(fullgraph=True)``: ``group`` (a process group, or
     its name) and ``layer`` (the layer's qualified name, the same on every rank)
-    are constants of the graph.
-    Runs eagerly as well (the operators have their autograd). ``momentum``
-    is the factor ``F.batch_norm`` takes (``_BatchNorm`` resolves ``None``).
+    are constants of the graph. Runs eagerly as well (the operators have their
+    autograd). ``momentum`` is the factor ``F.batch_norm`` takes (``_BatchNorm``
+    resolves ``None``).
     """
     channels = input.shape[1]
     count = input.numel() // channels if channels else 0
-    dims = [0, *range(2, input.dim())]
-    shape = [1, channels] + [1] * (input.dim() - 2)
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # the accumulation dtype
-    x = input if input.dtype == dtype else input.to(dtype)
-    if count:
-        # Moments of x minus one of its values per channel (the shifted-data algorithm): a large mean
-        # and a small spread lose nothing, in the values or in their gradient, and the float64 mean
-        # is that value plus a small mean.
-        shift = x.detach()[0].reshape(channels, -1)[:, 0]  # the first sample's first value
-        var, mean = torch.var_mean(x - shift.view(shape), dims, correction=0)
-        mean, var = mean.double() + shift.double(), var.double()
-    else:  # zeros, still connected to the input: this rank's backward meets its peers'
-        mean = var = input.sum(dims, dtype=torch.float64)
-    merged, total, _call = torch.ops.autosyncbn.sync_moments(
-        torch.stack([mean, var]), count, group if isinstance(group, str) else group.group_name, layer)
-    batch_mean, batch_var = merged[0].to(dtype), merged[1].to(dtype)
-    centered = x - batch_mean.view(shape)
-    if dtype != torch.float64:
-        # The mean's float32 rounding (1e-3 at a mean of 3e4) would shift every output: subtract
-        # the rest too. x - batch_mean is exact where it matters (x close to the mean).
-        centered = centered - (merged[0] - batch_mean.double()).to(dtype).view(shape)
-    if get_sbn_eps_mode() == "clamp":  # the classic rule: 1 / sqrt(max(var, eps))
-        invstd = batch_var.clamp(min=eps).rsqrt()
-    else:
-        invstd = (batch_var + eps).rsqrt()
-    output = centered * invstd.view(shape)
-    if weight is not None:
-        output = output * weight.to(dtype).view(shape)
-    if bias is not None:
-        output = output + bias.to(dtype).view(shape)
+    group_name = group if isinstance(group, str) else group.group_name
+    merged, total, call, wide = torch.ops.autosyncbn.sync_moments(input.detach(), eps, group_name, layer)
+    output = torch.ops.autosyncbn.normalize(input, weight, bias, merged, total, call, wide, eps, group_name, layer)
     with torch.no_grad():
-        stats = merged.detach()
         if running_mean is not None:
-            _lerp(running_mean, stats[0], momentum, total, count)
+            _lerp(running_mean, merged[0], momentum, total, count)
         if running_var is not None:
-            _lerp(running_var, stats[1] * (total / (total - 1.0)), momentum, total, count)
-    return output if output.dtype == input.dtype else output.to(input.dtype)
+            _lerp(running_var, merged[1] * (total / (total - 1.0)), momentum, total, count)
+    return output
 
 
 def _lerp(running: Tensor, batch: Tensor, momentum: Union[float, Tensor], total: Tensor, count: int) -> None:

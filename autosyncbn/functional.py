@@ -317,6 +317,16 @@ def _gradients(call: LayerCall, inputs: Sequence[Tensor], weights: Sequence[Opti
     return results
 
 
+def part_gradients(call: LayerCall, input: Tensor, weight: Optional[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+    """One part's (dx, sum dy * xhat, sum dy) by the one formula: the backward of the compiled
+    operators (``compiled.py``), which must send what eager mode sends."""
+    dtype = call.mean.dtype
+    if weight is None:
+        weight = torch.ones_like(call.mean)  # the scale is then invstd, as without a weight
+    grad_input, sum_dy_xhat, sum_dy = _gradients(call, [input], [weight], [dtype], [grad], [True, True, True])
+    return grad_input, sum_dy_xhat.to(dtype), sum_dy  # type: ignore[union-attr,return-value]
+
+
 SECOND_BACKWARD_MESSAGE = (
     "a second backward (create_graph=True, then a backward through the gradient, as in a gradient "
     "penalty) through a BatchNorm synchronized across processes is not supported: its first backward "
