@@ -3,9 +3,8 @@
 In eager mode ``dispatch`` finds the module making a batch-statistics call in
 the calling frame. Dynamo runs no frames while it traces, so under
 ``torch.compile`` the layer says who it is: the ``_call_impl`` of autosyncbn's
-own layers (:func:`synchronized_call_impl`), and of every ``_BatchNorm`` while
-``install(distributed=True)`` holds (:func:`batch_norm_call_impl`), puts the
-module in :data:`CALLING` around its forward, a side effect Dynamo traces in
+own layers, and of every ``_BatchNorm`` while ``install(distributed=True)``
+holds (:func:`call_impl`), puts the module in :data:`CALLING` around its forward, a side effect Dynamo traces in
 order; the forward's ``F.batch_norm`` is ``dispatch.explicit_batch_norm``
 (the layer's forward as ``modules`` synchronizes it), which reads it there
 (:func:`batch_norm_when_compiled`).
@@ -22,10 +21,9 @@ raises :data:`IN_REPLICAS_MESSAGE`: each replica thread runs its own compiled
 graph, whose autograd cannot hold the one node per layer that spans the
 replicas.
 
-In eager mode these ``_call_impl`` are PyTorch's own fast path (no hook: the
-forward at once; else ``nn.Module._call_impl``), so they cost no Python call
-more than PyTorch's, except :func:`synchronized_call_impl`'s one test for
-Dynamo.
+In eager mode :func:`call_impl` is PyTorch's own fast path (no hook: the
+forward at once; else ``nn.Module._call_impl``), so it costs no Python call
+more than PyTorch's, except one test for Dynamo in autosyncbn's layers.
 """
 from __future__ import annotations
 
@@ -49,39 +47,41 @@ _tracing_state = torch._C._get_tracing_state
 _dynamo_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
 
-def synchronized_call_impl(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """``nn.Module._call_impl`` of autosyncbn's layers: under ``torch.compile``, the layer says who it is."""
-    if _dynamo_compiling():
-        return _compiled_call(self, args, kwargs)
-    if (self._backward_hooks or self._backward_pre_hooks or self._forward_hooks or self._forward_pre_hooks
-            or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks
-            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
-            or _tracing_state()):
-        return _MODULE_CALL_IMPL(self, *args, **kwargs)
-    return self.forward(*args, **kwargs)
+ROUTED_ALWAYS: set = set()
+"""autosyncbn's layer classes (added as they are made): routed under ``torch.compile`` even
+without ``distributed=True``, since their process group may synchronize them."""
 
 
-def batch_norm_call_impl(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """``nn.Module._call_impl`` of every ``_BatchNorm`` under ``install()``: under ``torch.compile``
-    with ``distributed=True``, the layer says who it is and runs its forward with autosyncbn's batch_norm."""
-    if settings.DISTRIBUTED is not None and _dynamo_compiling():
-        return _compiled_call(self, args, kwargs)
-    if (self._backward_hooks or self._backward_pre_hooks or self._forward_hooks or self._forward_pre_hooks
-            or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks
-            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
-            or _tracing_state()):
-        return _MODULE_CALL_IMPL(self, *args, **kwargs)
-    return self.forward(*args, **kwargs)
+def call_impl(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``nn.Module._call_impl`` of autosyncbn's layers, and of every ``_BatchNorm`` under ``install()``.
+
+    PyTorch's fast path (no hook: the forward at once), its own ``_call_impl``
+    otherwise; under ``torch.compile``, a layer that may synchronize says who it
+    is (:func:`_compiled_call`). No Python call more than PyTorch's, except the
+    test for Dynamo made by autosyncbn's layers and under ``distributed=True``.
+    """
+    hooked = (self._backward_hooks or self._backward_pre_hooks or self._forward_hooks or self._forward_pre_hooks
+              or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks
+              or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+              or _tracing_state())
+    if (settings.DISTRIBUTED is not None or type(self) in ROUTED_ALWAYS) and _dynamo_compiling():
+        return _compiled_call(self, bool(hooked), args, kwargs)
+    return _MODULE_CALL_IMPL(self, *args, **kwargs) if hooked else self.forward(*args, **kwargs)
 
 
-def _compiled_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Traced by Dynamo: ``module``'s call, with :data:`CALLING` naming it while its forward runs."""
+def _compiled_call(module: nn.Module, hooked: bool, args: tuple, kwargs: dict) -> Any:
+    """Traced by Dynamo: ``module``'s call, with :data:`CALLING` naming it while its forward runs.
+
+    autosyncbn's layers, a layer with hooks and a forward set on the instance
+    run as PyTorch runs them (a plain layer's own forward then meets the
+    refusal in ``dispatch``); any other runs its class's forward with
+    autosyncbn's ``F.batch_norm``.
+    """
     previous = CALLING[0]
     CALLING[0] = module
     try:
-        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__):
-            return _MODULE_CALL_IMPL(module, *args, **kwargs)  # its own forward (a plain one: see limits)
+        if hooked or type(module) in ROUTED_ALWAYS or "forward" in module.__dict__:
+            return _MODULE_CALL_IMPL(module, *args, **kwargs)
         return getattr(FORWARDS, forward_when_compiled(type(module)))(module, *args, **kwargs)
     finally:
         CALLING[0] = previous
@@ -165,10 +165,13 @@ FORWARDS = _Forwards()
 def forward_when_compiled(cls: type) -> str:
     """The name in :data:`FORWARDS` of ``cls``'s forward with autosyncbn's ``F.batch_norm`` (made
     on first use; autosyncbn's layers: their own forward)."""
-    name = f"{cls.__name__}_{id(cls):x}"  # an identifier (Dynamo reads it as an attribute)
-    if name not in vars(FORWARDS):
-        from . import modules
+    from . import modules
 
+    name = f"{cls.__name__}_{id(cls):x}"  # an identifier (Dynamo reads it as an attribute)
+    made = vars(FORWARDS).get(name)
+    # Made anew where the class's forward is not the one it was made of: a class redefined where a
+    # freed one was (same name, same id), or a forward replaced on the class.
+    if made is None or getattr(made, "__wrapped__", made) is not modules.forward_of(cls):
         setattr(FORWARDS, name, modules.synchronized_forward(cls))
     return name
 

@@ -311,7 +311,7 @@ def _tensor_subclass(wrapped: Callable[..., Tensor], args: tuple, owner: Optiona
         # torch.compile treats F.batch_norm as one operator: it runs this on fake
         # tensors to trace it, and the compiled graph never calls it again.
         if _may_synchronize(owner):
-            raise SyncBatchNormError(_COMPILE_MESSAGE.format(layer=_traced_layer()))
+            raise SyncBatchNormError(_COMPILE_MESSAGE)
         return wrapped(*args)
     if owner is None:
         owner = naming.calling_module()
@@ -410,12 +410,6 @@ def _tracing(input: Any) -> bool:
     return private_api.is_fake(input)
 
 
-def _traced_layer() -> str:
-    """`` of layer 'name'`` as the compiler's module stack names it, where it does."""
-    stack = torch.fx.traceback.get_current_meta().get("nn_module_stack") or {}
-    return f" of layer {list(stack.values())[-1][0]!r}" if stack else ""
-
-
 def _may_synchronize(owner: Optional[nn.Module]) -> bool:
     """At trace time: could this call synchronize when it runs? Reads nothing a tracer cannot."""
     if replicas.running_replica() is not None or (owner is not None and SEAT in owner.__dict__):
@@ -426,7 +420,7 @@ def _may_synchronize(owner: Optional[nn.Module]) -> bool:
 
 
 _COMPILE_MESSAGE = (
-    "torch.compile is tracing a BatchNorm call{layer} that autosyncbn must synchronize but cannot place "
+    "torch.compile is tracing a BatchNorm call that autosyncbn must synchronize but cannot place "
     "in the compiled graph, which would normalize it per slice: it comes from a module that is no "
     "torch.nn.modules.batchnorm._BatchNorm subclass, from a BatchNorm layer with hooks, from outside any "
     "module, or from a DataParallel replica. Make the layer a _BatchNorm subclass (or convert it: "

@@ -111,11 +111,15 @@ def _with_synchronized_batch_norm(forward: Callable) -> Callable:
     return synchronized
 
 
+def forward_of(cls: type) -> Any:
+    """The forward ``cls`` defines or inherits, as its class holds it."""
+    return vars(next(base for base in cls.__mro__ if "forward" in vars(base)))["forward"]
+
+
 def synchronized_forward(cls: type) -> Callable:
     """``cls``'s forward, its ``F.batch_norm`` being :func:`dispatch.explicit_batch_norm` (made anew
     unless it is already; a forward that is no Python function is left as it is)."""
-    owner = next(base for base in cls.__mro__ if "forward" in vars(base))
-    forward = vars(owner)["forward"]
+    forward = forward_of(cls)
     if isinstance(forward, types.FunctionType) and not getattr(forward, _SYNCHRONIZED_FORWARD, False):
         return _with_synchronized_batch_norm(forward)
     return forward
@@ -176,10 +180,11 @@ class _SynchronizedBatchNormMixin:
     __jit_ignored_attributes__ = ["process_group"]  # noqa: RUF012
     _autosyncbn_explicit = True  # dispatch: a layer of the explicit API
 
-    _call_impl = compiling.synchronized_call_impl  # under torch.compile the layer says who it is
+    _call_impl = compiling.call_impl  # under torch.compile the layer says who it is
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        compiling.ROUTED_ALWAYS.add(cls)
         # The forward that runs: a subclass's own (kept, its F.batch_norm made autosyncbn's), one
         # already synchronized further up, or the BatchNorm class's, synchronized here.
         forward = synchronized_forward(cls)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import report, settings
-from .compiling import batch_norm_call_impl
+from .compiling import call_impl
 from .dispatch import FUNCTIONAL_BATCH_NORM
 from .replicas import plan_of, register, reraise_replica_error, running_replica, warn_unregistered
 from .settings import DEFAULT_TIMEOUT, LayerFilter, Options
@@ -102,7 +102,7 @@ def _patch_table() -> list[Patch]:
           for owner in (data_parallel, parallel_apply, torch.nn.parallel)],
         Patch(checkpoint_module.CheckpointFunction, "apply", wrapper=_wrap_reentrant_checkpoint),
         # A plain function, not a wrapt wrapper: Dynamo traces it (it cannot trace into wrapt's C proxy).
-        Patch(_BatchNorm, "_call_impl", replacement=batch_norm_call_impl),
+        Patch(_BatchNorm, "_call_impl", replacement=call_impl),
     ]
 
 

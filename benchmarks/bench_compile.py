@@ -19,28 +19,18 @@ model. Writes results/compile.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import autosyncbn  # noqa: E402
 from autosyncbn.processes import run_ranks  # noqa: E402
-from common import interleaved_medians, resnet_like, training_step, write_json  # noqa: E402
-
-SIZE = dict(width=32, image=64, per_rank=2)
-LAYER_CALLS = 13
-
-
-@contextlib.contextmanager
-def _in_step() -> None:
-    dist.barrier()  # every rank starts the step together (outside the timed region)
-    yield
+from bench_gloo import LAYER_CALLS, SIZE  # noqa: E402  (the same model and batch)
+from common import interleaved_medians, ranks_in_step, resnet_like, training_step, write_json  # noqa: E402
 
 
 def _rank(rank: int, world: int, backend: str, repeats: int) -> dict:
@@ -61,7 +51,7 @@ def _rank(rank: int, world: int, backend: str, repeats: int) -> dict:
         "eager local": copy.deepcopy(base),
     }
     steps = {name: training_step(model, x) for name, model in models.items()}
-    medians = interleaved_medians(steps, repeats, warmup=3, scopes={name: _in_step for name in steps})
+    medians = interleaved_medians(steps, repeats, warmup=3, scopes=dict.fromkeys(steps, ranks_in_step))
     return {"medians_s": medians, "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count}
 
 

@@ -16,7 +16,6 @@ autosyncbn's record. Writes results/gloo.json.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import statistics
@@ -32,17 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import autosyncbn  # noqa: E402
 from autosyncbn.distributed import FIRST_CHANNELS, HEADER  # noqa: E402
 from autosyncbn.processes import run_ranks  # noqa: E402
-from common import interleaved_medians, resnet_like, training_step, write_json  # noqa: E402
+from common import interleaved_medians, ranks_in_step, resnet_like, training_step, write_json  # noqa: E402
 from peers import AllReduceBatchNorm2d, with_batchnorm  # noqa: E402
 
 SIZE = dict(width=32, image=64, per_rank=2)
 LAYER_CALLS = 13
-
-
-@contextlib.contextmanager
-def _in_step() -> None:
-    dist.barrier()  # every rank starts the step together (outside the timed region)
-    yield
 
 
 def _collective_latency(repeats: int = 50) -> float:
@@ -69,7 +62,7 @@ def _rank(rank: int, world: int, repeats: int) -> dict:
     }
     x = torch.randn(SIZE["per_rank"], 3, SIZE["image"], SIZE["image"])
     medians = interleaved_medians({name: training_step(m, x) for name, m in models.items()}, repeats,
-                                  warmup=2, scopes={name: _in_step for name in models})
+                                  warmup=2, scopes={name: ranks_in_step for name in models})
     return {"medians_s": medians, "collective_s": _collective_latency()}
 
 

@@ -7,9 +7,10 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
+import torch.distributed
 from torch import nn
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -33,6 +34,14 @@ def interleaved_medians(candidates: dict[str, Callable[[], None]], repeats: int 
             if round_ >= warmup:
                 samples[name].append(elapsed)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def ranks_in_step() -> Iterator[None]:
+    """Every rank starts the step together (a barrier, outside the timed region): a scope for
+    :func:`interleaved_medians` in process benchmarks."""
+    torch.distributed.barrier()
+    yield
 
 
 def machine() -> dict:

@@ -443,3 +443,46 @@ def test_compiled_graphs_see_every_new_filter_but_not_a_scope_opened_again():
         autosyncbn.uninstall()
         gc.collect()
     assert len(set(seen)) == len(seen)
+
+
+class _ShiftedBatchNorm(nn.BatchNorm1d):
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training) + 1
+
+
+def test_a_forward_replaced_on_its_class_is_the_one_compiled():
+    """The forward a compiled plain layer runs (its class's, with autosyncbn's batch_norm) follows
+    the class: replaced there, the next trace runs the new one, never a copy of the old."""
+    layer = _ShiftedBatchNorm(3)
+    x = torch.randn(6, 3)
+    plain = F.batch_norm(x, None, None, training=True)
+    original = _ShiftedBatchNorm.forward
+    try:
+        with autosyncbn.patched(distributed=True):  # no process group: PyTorch's numbers
+            torch._dynamo.reset()
+            assert_close_to_scale(torch.compile(layer, fullgraph=True, backend="eager")(x), plain + 1, what="+1")
+            _ShiftedBatchNorm.forward = lambda self, x: original(self, x) + 1
+            torch._dynamo.reset()
+            assert_close_to_scale(torch.compile(layer, fullgraph=True, backend="eager")(x), plain + 2, what="+2")
+    finally:
+        _ShiftedBatchNorm.forward = original
+        torch._dynamo.reset()
+
+
+def test_a_global_forward_hook_runs_under_compile():
+    """A global module hook (a profiler's, a logger's) still runs for BatchNorm layers compiled under
+    install(distributed=True); with no process group the numbers are PyTorch's."""
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(type(module).__name__) if isinstance(module, nn.BatchNorm1d)
+        else None)
+    try:
+        with autosyncbn.patched(distributed=True):
+            torch._dynamo.reset()
+            out = torch.compile(nn.BatchNorm1d(3), backend="eager")(torch.ones(4, 3) * torch.arange(4.0)[:, None])
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+    assert seen == ["BatchNorm1d"]
+    assert_close_to_scale(out, F.batch_norm(torch.ones(4, 3) * torch.arange(4.0)[:, None], None, None,
+                                            training=True), what="output")
